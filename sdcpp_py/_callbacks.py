@@ -1,0 +1,99 @@
+"""Native callbacks: the engine's log lines and per-call progress.
+
+stable-diffusion.cpp keeps one process-wide log callback and one progress
+callback. The log callback is installed once and forwards every line to
+``logging.getLogger("sdcpp_py")`` (removed at exit). The progress callback is
+installed only for the duration of one call (``progress_scope``) and reset in
+``finally``; an exception raised by the user's callback is kept and re-raised
+once the native call has returned.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import threading
+from typing import Callable, Iterator, Optional
+
+from ._ffi import ffi, lib
+
+logger = logging.getLogger("sdcpp_py")
+logger.addHandler(logging.NullHandler())
+native_logger = logging.getLogger("sdcpp_py.native")
+
+_LEVELS = {
+    lib.SD_LOG_DEBUG: logging.DEBUG,
+    lib.SD_LOG_INFO: logging.INFO,
+    lib.SD_LOG_WARN: logging.WARNING,
+    lib.SD_LOG_ERROR: logging.ERROR,
+}
+
+ProgressFn = Callable[[int, int, float], None]
+
+
+@ffi.callback("void(enum sd_log_level_t, const char*, void*)")
+def _on_log(level: int, text, _data) -> None:
+    try:
+        py_level = _LEVELS.get(level, logging.INFO)
+        if native_logger.isEnabledFor(py_level):
+            native_logger.log(py_level, "%s", ffi.string(text).decode("utf-8", "replace").rstrip())
+    except Exception:  # a log line must never unwind into C
+        pass
+
+
+def _install_log() -> None:
+    lib.sd_set_log_callback(_on_log, ffi.NULL)
+
+
+def _remove_log() -> None:
+    lib.sd_set_log_callback(ffi.NULL, ffi.NULL)
+
+
+_install_log()
+atexit.register(_remove_log)
+
+
+class _ProgressState:
+    def __init__(self, fn: ProgressFn) -> None:
+        self.fn = fn
+        self.error: Optional[BaseException] = None
+
+
+@ffi.callback("void(int, int, float, void*)")
+def _on_progress(step: int, steps: int, seconds: float, data) -> None:
+    state: _ProgressState = ffi.from_handle(data)
+    if state.error is not None:
+        return
+    try:
+        state.fn(step, steps, seconds)
+    except BaseException as e:  # kept and re-raised after the native call returns
+        state.error = e
+
+
+def _ignore_progress(step: int, steps: int, seconds: float) -> None:
+    pass
+
+
+# One native call at a time may own the process-wide progress callback.
+native_call_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def progress_scope(fn: Optional[ProgressFn]) -> Iterator[None]:
+    """Route the engine's progress to ``fn`` for the duration of the block.
+
+    Without ``fn`` a silent callback is installed anyway (the engine would
+    otherwise print progress bars on stdout). The caller must hold
+    ``native_call_lock``. Raises the callback's exception, if it raised one,
+    when the block ends.
+    """
+    state = _ProgressState(fn if fn is not None else _ignore_progress)
+    handle = ffi.new_handle(state)
+    lib.sd_set_progress_callback(_on_progress, handle)
+    try:
+        yield
+    finally:
+        lib.sd_set_progress_callback(ffi.NULL, ffi.NULL)
+    if state.error is not None:
+        raise state.error

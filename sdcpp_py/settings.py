@@ -1,0 +1,188 @@
+"""Settings as frozen dataclasses, validated in Python and written into the
+engine's structs after its own ``*_init()`` has filled them."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._ffi import ffi, lib
+from .errors import InvalidArgumentError
+
+MAX_SIDE = 4096                 # pixels per side
+MAX_PIXELS = 4096 * 4096        # per image
+MAX_STEPS = 1000
+MAX_BATCH = 64
+SEED_RANGE = (0, 2**63 - 1)
+
+
+def _names(count: int, name_fn) -> Tuple[str, ...]:
+    return tuple(ffi.string(name_fn(i)).decode() for i in range(count))
+
+
+SAMPLERS: Tuple[str, ...] = _names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
+SCHEDULERS: Tuple[str, ...] = _names(lib.SCHEDULER_COUNT, lib.sd_scheduler_name)
+RNG_TYPES: Tuple[str, ...] = _names(lib.RNG_TYPE_COUNT, lib.sd_rng_type_name)
+WEIGHT_TYPES: Tuple[str, ...] = tuple(
+    n for i, n in enumerate(_names(lib.SD_TYPE_COUNT, lib.sd_type_name))
+    if n and " " not in n and lib.str_to_sd_type(n.encode()) == i)
+
+
+def _choice(what: str, value: Optional[str], allowed: Tuple[str, ...]) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a string, not {type(value).__name__}")
+    v = value.lower()
+    for a in allowed:
+        if a.lower() == v:
+            return a
+    raise InvalidArgumentError(f"unknown {what} {value!r}; choose one of: {', '.join(allowed)}")
+
+
+def _int(what: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise InvalidArgumentError(f"{what} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _float(what: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, not {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise InvalidArgumentError(f"{what} must be a finite number in [{lo}, {hi}], got {value}")
+    return v
+
+
+def default_threads() -> int:
+    """Threads the engine uses by default: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """How a context loads and runs its models (``sd_ctx_params_t``)."""
+
+    n_threads: int = field(default_factory=default_threads)
+    wtype: Optional[str] = None          # convert weights at load, e.g. "f16"; None keeps the files' types
+    flash_attn: bool = False             # flash attention in every model
+    diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
+    enable_mmap: bool = False
+    offload_params_to_cpu: bool = False
+    keep_clip_on_cpu: bool = False
+    keep_vae_on_cpu: bool = False
+    vae_conv_direct: bool = False
+    diffusion_conv_direct: bool = False
+    rng: str = "cuda"                    # the engine's default noise generator
+    sampler_rng: Optional[str] = None    # None: same as rng
+
+    def __post_init__(self) -> None:
+        _int("n_threads", self.n_threads, 1, 1024)
+        object.__setattr__(self, "wtype", _choice("weight type", self.wtype, WEIGHT_TYPES))
+        object.__setattr__(self, "rng", _choice("rng", self.rng, RNG_TYPES))
+        object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
+        for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
+                     "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool")
+
+    def fill(self, p) -> None:
+        """Write into an ``sd_ctx_params_t*`` that ``sd_ctx_params_init`` filled."""
+        p.n_threads = self.n_threads
+        if self.wtype is not None:
+            p.wtype = lib.str_to_sd_type(self.wtype.encode())
+        p.rng_type = lib.str_to_rng_type(self.rng.encode())
+        if self.sampler_rng is not None:
+            p.sampler_rng_type = lib.str_to_rng_type(self.sampler_rng.encode())
+        for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
+                     "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct"):
+            setattr(p, name, getattr(self, name))
+        # A resident context serves many calls and img2img: keep everything loaded.
+        p.free_params_immediately = False
+        p.vae_decode_only = False
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """A seed in [0, 2**63 - 1]; ``None`` or -1 draws one from the full range."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):
+        return secrets.randbits(63)
+    return _int("seed", seed, *SEED_RANGE)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything one generation used; ``seed`` is the first image's seed."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 8
+    cfg_scale: float = 1.0
+    sampler: Optional[str] = None        # None: the model's default
+    scheduler: Optional[str] = None      # None: the model's default
+    seed: int = 0
+    batch_count: int = 1
+    flow_shift: Optional[float] = None   # None: the model's default
+    guidance: Optional[float] = None     # distilled guidance; None: engine default
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, not {type(getattr(self, name)).__name__}")
+        for name in ("width", "height"):
+            v = _int(name, getattr(self, name), 16, MAX_SIDE)
+            if v % 16:
+                raise InvalidArgumentError(f"{name} must be a multiple of 16, got {v}")
+        if self.width * self.height > MAX_PIXELS:
+            raise InvalidArgumentError(f"{self.width}x{self.height} is over {MAX_PIXELS} pixels")
+        _int("steps", self.steps, 1, MAX_STEPS)
+        object.__setattr__(self, "cfg_scale", _float("cfg_scale", self.cfg_scale, 0.0, 100.0))
+        object.__setattr__(self, "sampler", _choice("sampler", self.sampler, SAMPLERS))
+        object.__setattr__(self, "scheduler", _choice("scheduler", self.scheduler, SCHEDULERS))
+        _int("seed", self.seed, *SEED_RANGE)
+        _int("batch_count", self.batch_count, 1, MAX_BATCH)
+        if self.seed + self.batch_count - 1 > SEED_RANGE[1]:
+            raise InvalidArgumentError("seed + batch_count - 1 overflows the 63-bit seed range")
+        if self.flow_shift is not None:
+            object.__setattr__(self, "flow_shift", _float("flow_shift", self.flow_shift, 1e-3, 100.0))
+        if self.guidance is not None:
+            object.__setattr__(self, "guidance", _float("guidance", self.guidance, 0.0, 100.0))
+
+    def seeds(self) -> List[int]:
+        return [self.seed + i for i in range(self.batch_count)]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def fill(self, p) -> List[Any]:
+        """Write into an ``sd_img_gen_params_t*`` that ``sd_img_gen_params_init`` filled.
+
+        The string buffers must outlive the call: they are returned to the caller.
+        """
+        keep = [ffi.new("char[]", self.prompt.encode()), ffi.new("char[]", self.negative_prompt.encode())]
+        p.prompt, p.negative_prompt = keep
+        p.width, p.height = self.width, self.height
+        p.seed = self.seed
+        p.batch_count = self.batch_count
+        s = p.sample_params
+        s.sample_steps = self.steps
+        s.guidance.txt_cfg = self.cfg_scale
+        if self.guidance is not None:
+            s.guidance.distilled_guidance = self.guidance
+        if self.sampler is not None:
+            s.sample_method = lib.str_to_sample_method(self.sampler.encode())
+        if self.scheduler is not None:
+            s.scheduler = lib.str_to_scheduler(self.scheduler.encode())
+        if self.flow_shift is not None:
+            s.flow_shift = self.flow_shift
+        return keep

@@ -1,0 +1,120 @@
+"""ggml tensor types the synthetic writer emits, and which type each tensor is stored in.
+
+The storage rules follow what stable-diffusion.cpp does with each kind of tensor
+(``ggml_extend.hpp``): Linear weights keep the file's type unless their input width is not
+a multiple of the type's block (then the engine uses F32), conv weights are always F16 in
+memory, embeddings keep F16/Q8_0/Q5_x/Q4_x (others become F32), norms, biases and
+learned vectors are F32. Storing a tensor in the type the engine will use anyway keeps
+files honest and loading free of conversions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .layouts import TensorSpec
+
+__all__ = [
+    "GGMLType",
+    "GGML_TYPES",
+    "WEIGHT_TYPES",
+    "FORMATS",
+    "FLOAT_TYPES",
+    "QUANT_TYPES",
+    "ggml_type",
+    "check_weight_type",
+    "check_format",
+    "storage_type",
+]
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One ggml tensor type: its id in GGUF, block size (elements) and block size in bytes."""
+
+    name: str
+    ggml_id: int
+    block_size: int
+    type_size: int
+    safetensors_dtype: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """True for block-quantised types."""
+        return self.block_size > 1
+
+    def nbytes(self, numel: int) -> int:
+        """Bytes of ``numel`` elements (``numel`` must be a multiple of the block size)."""
+        if numel % self.block_size:
+            raise ValueError(f"{numel} elements is not a multiple of the {self.name} block size {self.block_size}")
+        return numel // self.block_size * self.type_size
+
+
+# ggml type ids (ggml.h, ggml 0.9.8): F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, BF16 30.
+GGML_TYPES: dict[str, GGMLType] = {
+    "f32": GGMLType("f32", 0, 1, 4, "F32"),
+    "f16": GGMLType("f16", 1, 1, 2, "F16"),
+    "bf16": GGMLType("bf16", 30, 1, 2, "BF16"),
+    "q8_0": GGMLType("q8_0", 8, 32, 34),
+    "q5_1": GGMLType("q5_1", 7, 32, 24),
+    "q5_0": GGMLType("q5_0", 6, 32, 22),
+    "q4_1": GGMLType("q4_1", 3, 32, 20),
+    "q4_0": GGMLType("q4_0", 2, 32, 18),
+}
+
+FLOAT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16")
+QUANT_TYPES: tuple[str, ...] = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+WEIGHT_TYPES: tuple[str, ...] = FLOAT_TYPES + QUANT_TYPES
+FORMATS: tuple[str, ...] = ("gguf", "safetensors")
+
+# Embedding types the engine keeps for get_rows (support_get_rows in ggml_extend.hpp).
+_EMB_KEEP = frozenset({"f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"})
+
+
+def ggml_type(name: str) -> GGMLType:
+    """Look a type up by name ("f16", "q8_0", ...)."""
+    try:
+        return GGML_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown tensor type {name!r}; allowed: {', '.join(WEIGHT_TYPES)}") from None
+
+
+def check_format(fmt: str) -> str:
+    """Validate a container format name; returns it lower-cased."""
+    f = fmt.lower() if isinstance(fmt, str) else fmt
+    if f not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    return f
+
+
+def check_weight_type(wtype: str, fmt: str = "gguf") -> str:
+    """Validate a requested weight type for a container format; returns it lower-cased."""
+    fmt = check_format(fmt)
+    t = wtype.lower() if isinstance(wtype, str) else wtype
+    allowed = WEIGHT_TYPES if fmt == "gguf" else FLOAT_TYPES
+    if t not in allowed:
+        raise ValueError(f"unknown or unsupported {fmt} weight type {wtype!r}; allowed: {', '.join(allowed)}")
+    return t
+
+
+def storage_type(spec: TensorSpec, wtype: str) -> GGMLType:
+    """The type ``spec`` is stored in when ``wtype`` is requested for the weights.
+
+    - ``w``: the requested type; a quantised type whose block does not divide the input
+      width falls back to F16 (the engine would hold such a Linear in F32 anyway).
+    - ``emb``: as ``w`` when the engine keeps the type for ``get_rows``; a requested F32
+      or BF16 is honoured too (the engine converts BF16 to F32 at load).
+    - ``conv``: F16, whatever was requested (the engine holds convs in F16).
+    - ``norm``, ``bias``, ``vec``, ``f32w``, ``bn_mean``, ``bn_var``: F32.
+    """
+    req = ggml_type(wtype)
+    kind = spec.kind
+    if kind in ("w", "emb"):
+        if kind == "emb" and req.quantized and req.name not in _EMB_KEEP:
+            return GGML_TYPES["f16"]
+        if req.quantized and (len(spec.shape) < 2 or spec.row_width % req.block_size):
+            return GGML_TYPES["f16"]
+        return req
+    if kind == "conv":
+        return GGML_TYPES["f16"]
+    return GGML_TYPES["f32"]
