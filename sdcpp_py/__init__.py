@@ -12,12 +12,13 @@ from .errors import (ClosedError, CorruptModelError, GenerationError, Incompatib
                      InvalidArgumentError, LibraryError, ModelLoadError, ModelNotFoundError, SdcppError)
 from .pipeline import GenerationResult, Pipeline
 from .presets import FLUX2_KLEIN_4B, PRESETS, Z_IMAGE_TURBO, Preset, get_preset
+from .staged import Conditioning, Latent
 from .settings import SAMPLERS, SCHEDULERS, WEIGHT_TYPES, ContextSettings, GenerationSettings
 from .system import system_info
 
 __all__ = [
     "__version__", "ENGINE_VERSION", "ENGINE_COMMIT",
-    "Pipeline", "GenerationResult", "ContextSettings", "GenerationSettings",
+    "Pipeline", "GenerationResult", "Conditioning", "Latent", "ContextSettings", "GenerationSettings",
     "Preset", "PRESETS", "Z_IMAGE_TURBO", "FLUX2_KLEIN_4B", "get_preset",
     "SAMPLERS", "SCHEDULERS", "WEIGHT_TYPES", "system_info",
     "SdcppError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "CorruptModelError",

@@ -14,7 +14,7 @@ import atexit
 import contextlib
 import logging
 import threading
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 from ._ffi import ffi, lib
 
@@ -79,8 +79,30 @@ def _ignore_progress(step: int, steps: int, seconds: float) -> None:
 native_call_lock = threading.RLock()
 
 
+class TqdmProgress:
+    """A progress callback drawing a tqdm bar (one bar per native call)."""
+
+    def __init__(self, desc: str = "sampling") -> None:
+        self.desc = desc
+        self.bar = None
+
+    def __call__(self, step: int, steps: int, seconds: float) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, desc=self.desc, unit="step")
+        self.bar.n = min(step, steps)
+        self.bar.set_postfix_str(f"{seconds:.2f} s/step" if seconds >= 1 else f"{1 / max(seconds, 1e-9):.2f} step/s")
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 @contextlib.contextmanager
-def progress_scope(fn: Optional[ProgressFn]) -> Iterator[None]:
+def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[None]:
     """Route the engine's progress to ``fn`` for the duration of the block.
 
     Without ``fn`` a silent callback is installed anyway (the engine would
@@ -88,12 +110,20 @@ def progress_scope(fn: Optional[ProgressFn]) -> Iterator[None]:
     ``native_call_lock``. Raises the callback's exception, if it raised one,
     when the block ends.
     """
-    state = _ProgressState(fn if fn is not None else _ignore_progress)
+    if fn is True:
+        fn = TqdmProgress()
+    elif fn is False or fn is None:
+        fn = _ignore_progress
+    elif not callable(fn):
+        raise TypeError("progress must be a callable(step, steps, seconds), True for a tqdm bar, or None")
+    state = _ProgressState(fn)
     handle = ffi.new_handle(state)
     lib.sd_set_progress_callback(_on_progress, handle)
     try:
         yield
     finally:
         lib.sd_set_progress_callback(ffi.NULL, ffi.NULL)
+        if isinstance(fn, TqdmProgress):
+            fn.close()
     if state.error is not None:
         raise state.error

@@ -1,25 +1,36 @@
-"""A resident stable-diffusion.cpp context: load once, generate many times."""
+"""A resident stable-diffusion.cpp context: load once, generate many times.
+
+Two ways to generate: ``generate()`` is upstream's one-shot ``generate_image``;
+``encode()`` → ``denoise()`` → ``decode()`` are the same steps as separate calls
+(our native shim), so one prompt encoding serves many seeds, sizes and step
+counts. Both give the same pixels for the same settings.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from ._callbacks import ProgressFn, native_call_lock, progress_scope
 from ._ffi import ffi, lib
-from .errors import ClosedError, GenerationError, ModelLoadError
-from .families import Components, check_components
+from .cache import EncodingCache
+from .errors import ClosedError, GenerationError, IncompatibleModelError, InvalidArgumentError, ModelLoadError
+from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .presets import Preset, get_preset, preset_for_family
 from .settings import ContextSettings, GenerationSettings, resolve_seed
+from .staged import NEGATIVE, Conditioning, Latent, TensorViews, check, read_result
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = Union[str, Path]
+ImageLike = Union[Image.Image, np.ndarray]
+LATENT_SCALE = {Z_IMAGE: 8, FLUX2_KLEIN: 16, FLUX2_DEV: 16}
 
 
 @dataclass
@@ -41,21 +52,6 @@ class GenerationResult:
         return [np.asarray(im) for im in self.images]
 
 
-class _NativeLog(logging.Handler):
-    """Collects the engine's log lines while a native call runs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def errors(self) -> str:
-        lines = [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
-        return "\n".join(lines[-5:])
-
-
 class Pipeline:
     """Models loaded once into one engine context, generating as often as asked.
 
@@ -63,12 +59,13 @@ class Pipeline:
     or one single-file ``model``. Files are checked before the engine sees them
     (missing, corrupt, wrong VAE, wrong text encoder width raise ModelLoadError
     subclasses). ``preset`` supplies generation defaults; by default it follows
-    the detected family.
+    the detected family. ``cache_size`` bounds the prompt-encoding cache.
     """
 
     def __init__(self, *, model: Optional[PathLike] = None, diffusion_model: Optional[PathLike] = None,
                  llm: Optional[PathLike] = None, vae: Optional[PathLike] = None,
                  settings: Optional[ContextSettings] = None, preset: Union[str, Preset, None] = None,
+                 cache_size: int = 16, share_encoder_with: Optional["Pipeline"] = None,
                  **settings_kwargs: Any) -> None:
         self._ctx = None
         if settings is not None and settings_kwargs:
@@ -79,9 +76,15 @@ class Pipeline:
         self.components: Components = check_components(**self.paths)
         self.family = self.components.family
         self.preset: Optional[Preset] = get_preset(preset) if preset is not None else preset_for_family(self.family)
+        self.encoder_id = _file_identity(self.paths["llm"] or self.paths["model"])
+        self.encodings = EncodingCache(cache_size)
         self.load_count = 0
         self.load_seconds = 0.0
-        self._load()
+        self._encoder_group: List["Pipeline"] = [self]
+        if share_encoder_with is None:
+            self._load()
+        else:
+            self._load_sharing_encoder(share_encoder_with)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _load(self) -> None:
@@ -104,12 +107,44 @@ class Pipeline:
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
+    def _load_sharing_encoder(self, other: "Pipeline") -> None:
+        """Load, then give this context's text encoder to ``other``'s group (one copy in memory).
+
+        The group's encoder is released before this context loads its own, so two
+        copies never coexist."""
+        if not isinstance(other, Pipeline):
+            raise TypeError(f"share_encoder_with must be a Pipeline, not {type(other).__name__}")
+        other._require_open()
+        if other.encoder_id != self.encoder_id or other.settings.wtype != self.settings.wtype:
+            raise IncompatibleModelError("only pipelines loading the same text encoder file (and weight type) "
+                                         "can share it")
+        if self.components.llm_hidden is None or other.components.llm_hidden is None:
+            raise IncompatibleModelError("encoder sharing needs LLM-conditioned models (Z-Image, FLUX.2)")
+        other.release_encoder()
+        self._load()
+        group = [p for p in other._encoder_group if not p.closed]
+        for peer in group:
+            self._native(lib.sdcpp_share_encoder, peer._require_open(), error=ModelLoadError)
+        group.append(self)
+        for member in group:
+            member._encoder_group = group
+
+    @property
+    def shares_encoder(self) -> bool:
+        return sum(not p.closed for p in self._encoder_group) > 1
+
     def close(self) -> None:
         """Free the models. Safe to call more than once."""
         ctx, self._ctx = self._ctx, None
-        if ctx is not None:
-            with native_call_lock:
-                ffi.release(ctx)
+        if ctx is None:
+            return
+        with native_call_lock:
+            survivors = [p for p in self._encoder_group if p is not self and not p.closed]
+            if survivors:  # a shared encoder must not keep running on this context's backend
+                check(lib.sdcpp_rebind_encoder(survivors[0]._ctx))
+                self._encoder_group.remove(self)
+                self._encoder_group = [self]
+            ffi.release(ctx)
 
     @property
     def closed(self) -> bool:
@@ -126,38 +161,67 @@ class Pipeline:
             raise ClosedError("this Pipeline is closed")
         return self._ctx
 
-    # -- generation --------------------------------------------------------------------------
+    def _native(self, fn, *args, progress: Optional[ProgressFn] = None, error=GenerationError) -> float:
+        """Run one shim call under the lock with progress routed; returns its seconds."""
+        start = time.perf_counter()
+        with native_call_lock, progress_scope(progress):
+            rc = fn(self._require_open(), *args)
+        check(rc, error)
+        return time.perf_counter() - start
+
+    # -- settings ----------------------------------------------------------------------------
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
         """The GenerationSettings a call with these arguments would use (seed resolved)."""
         defaults: Dict[str, Any] = dict(self.preset.generation_defaults()) if self.preset else {}
         given = {k: v for k, v in overrides.items() if v is not None}
         merged = {**defaults, **given}
         merged["seed"] = resolve_seed(overrides.get("seed"))
-        return GenerationSettings(prompt=prompt, **merged)
+        s = GenerationSettings(prompt=prompt, **merged)
+        return self._with_engine_defaults(s) if s.sampler is None or s.scheduler is None else s
 
+    def _with_engine_defaults(self, s: GenerationSettings) -> GenerationSettings:
+        ctx = self._require_open()
+        sampler = s.sampler
+        if sampler is None:
+            method = lib.sd_get_default_sample_method(ctx)
+            sampler = ffi.string(lib.sd_sample_method_name(method)).decode()
+        else:
+            method = lib.str_to_sample_method(sampler.encode())
+        scheduler = s.scheduler
+        if scheduler is None:
+            scheduler = ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode()
+        return GenerationSettings(**{**s.to_dict(), "sampler": sampler, "scheduler": scheduler})
+
+    # -- one-shot generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, negative_prompt: str = "", width: Optional[int] = None,
                  height: Optional[int] = None, steps: Optional[int] = None,
                  cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
                  scheduler: Optional[str] = None, seed: Optional[int] = None, batch_count: int = 1,
                  flow_shift: Optional[float] = None, guidance: Optional[float] = None,
+                 sigmas: Optional[Sequence[float]] = None, init_image: Optional[ImageLike] = None,
+                 strength: Optional[float] = None, ref_images: Sequence[ImageLike] = (),
                  progress: Optional[ProgressFn] = None) -> GenerationResult:
-        """Text to image. Unset arguments take the preset's defaults; ``seed=None``
-        draws a random 63-bit seed, reported in the result."""
+        """Text (and optionally an init image, or reference images) to image in one call.
+
+        Unset arguments take the preset's defaults; ``seed=None`` draws a random
+        63-bit seed, reported in the result.
+        """
         s = self.settings_for(prompt, negative_prompt=negative_prompt, width=width, height=height,
                               steps=steps, cfg_scale=cfg_scale, sampler=sampler, scheduler=scheduler,
-                              seed=seed, batch_count=batch_count, flow_shift=flow_shift, guidance=guidance)
-        return self.generate_with(s, progress=progress)
+                              seed=seed, batch_count=batch_count, flow_shift=flow_shift, guidance=guidance,
+                              sigmas=sigmas, strength=strength)
+        return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress)
 
     __call__ = generate
 
-    def generate_with(self, s: GenerationSettings, *, progress: Optional[ProgressFn] = None) -> GenerationResult:
-        """Generate with fully specified settings."""
+    def generate_with(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
+                      ref_images: Sequence[ImageLike] = (),
+                      progress: Optional[ProgressFn] = None) -> GenerationResult:
+        """Generate with fully specified settings (upstream's generate_image)."""
         ctx = self._require_open()
         if s.sampler is None or s.scheduler is None:
             s = self._with_engine_defaults(s)
-        params = ffi.new("sd_img_gen_params_t*")
-        lib.sd_img_gen_params_init(params)
-        keep = s.fill(params)
+        params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
         start = time.perf_counter()
         with native_call_lock, _capture() as log, progress_scope(progress):
             images = lib.generate_image(ctx, params)
@@ -174,18 +238,168 @@ class Pipeline:
             lib.free(images)
         return GenerationResult(out, s, s.seeds(), {"generate_s": seconds})
 
-    def _with_engine_defaults(self, s: GenerationSettings) -> GenerationSettings:
-        ctx = self._require_open()
-        sampler = s.sampler
-        if sampler is None:
-            method = lib.sd_get_default_sample_method(ctx)
-            sampler = ffi.string(lib.sd_sample_method_name(method)).decode()
-        else:
-            method = lib.str_to_sample_method(sampler.encode())
-        scheduler = s.scheduler
-        if scheduler is None:
-            scheduler = ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode()
-        return GenerationSettings(**{**s.to_dict(), "sampler": sampler, "scheduler": scheduler})
+    def _params(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
+                ref_images: Sequence[ImageLike] = ()):
+        params = ffi.new("sd_img_gen_params_t*")
+        lib.sd_img_gen_params_init(params)
+        keep: List[Any] = s.fill(params)
+        if init_image is not None:
+            keep.append(_fill_image(params.init_image, init_image))
+        if ref_images:
+            if isinstance(ref_images, (Image.Image, np.ndarray)):
+                raise TypeError("ref_images must be a sequence of images")
+            refs = ffi.new("sd_image_t[]", len(ref_images))
+            keep.append(refs)
+            keep.extend(_fill_image(refs[i], im) for i, im in enumerate(ref_images))
+            params.ref_images, params.ref_images_count = refs, len(ref_images)
+        return params, keep
+
+    # -- staged generation -------------------------------------------------------------------
+    def encode(self, prompt: str, negative_prompt: Optional[str] = None, *,
+               use_cache: bool = True) -> Conditioning:
+        """Encode a prompt (and, if given, a negative prompt) once for many denoise() calls.
+
+        A negative encoding is needed for ``cfg_scale != 1``; pass ``negative_prompt=""``
+        for the empty one that ``generate()`` uses. Results are cached by prompt and encoder.
+        """
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise TypeError(f"negative_prompt must be a str or None, not {type(negative_prompt).__name__}")
+        key = (prompt, negative_prompt, self.encoder_id)
+        if use_cache:
+            hit = self.encodings.get(key)
+            if hit is not None:
+                return hit
+        s = GenerationSettings(prompt=prompt, negative_prompt=negative_prompt or "")
+        params, keep = self._params(s)
+        self._ensure_encoder()
+        out = ffi.new("sdcpp_result_t**")
+        seconds = self._native(lib.sdcpp_encode, params, negative_prompt is not None, out)
+        del keep
+        cond = Conditioning(dict(read_result(out[0])), self.family, self.encoder_id, prompt,
+                            negative_prompt, seconds)
+        if self.settings.release_encoder:
+            self.release_encoder()
+        if use_cache:
+            self.encodings.put(key, cond)
+        return cond
+
+    def denoise(self, conditioning: Conditioning, *, width: Optional[int] = None, height: Optional[int] = None,
+                steps: Optional[int] = None, cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
+                scheduler: Optional[str] = None, seed: Optional[int] = None, flow_shift: Optional[float] = None,
+                guidance: Optional[float] = None, sigmas: Optional[Sequence[float]] = None,
+                init_latent: Optional[Latent] = None, strength: Optional[float] = None,
+                noise: Optional[np.ndarray] = None, ref_images: Sequence[ImageLike] = (),
+                progress: Optional[ProgressFn] = None) -> Latent:
+        """Sample one latent from a conditioning, as generate() samples it for the same seed."""
+        self._check_conditioning(conditioning)
+        if init_latent is not None:
+            self._check_latent(init_latent)
+            width, height = width or init_latent.width, height or init_latent.height
+        s = self.settings_for(conditioning.prompt, negative_prompt=conditioning.negative_prompt or "",
+                              width=width, height=height, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                              scheduler=scheduler, seed=seed, flow_shift=flow_shift, guidance=guidance,
+                              sigmas=sigmas, strength=strength)
+        if s.cfg_scale != 1.0 and not conditioning.has_negative:
+            raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: encode(prompt, negative_prompt='')")
+        params, keep = self._params(s, ref_images=ref_images)
+        cond = TensorViews(list(conditioning.parts.items()))
+        init = TensorViews([((0, "latent", 0), init_latent.data)]) if init_latent is not None else None
+        if noise is not None:
+            noise = np.asarray(noise)
+            if noise.dtype.kind != "f":
+                raise TypeError("noise must be a float array")
+        noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
+        out = ffi.new("sdcpp_result_t**")
+        seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
+                               init.first if init else ffi.NULL,
+                               noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
+                               progress=progress)
+        del keep
+        (_, data), = read_result(out[0])
+        return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
+                      {"settings": s, "denoise_s": seconds})
+
+    def decode(self, latent: Latent, *, output_type: str = "pil") -> Union[Image.Image, np.ndarray]:
+        """Latent to image: a PIL image, or with ``output_type="np"`` a uint8 array (H, W, 3)."""
+        if output_type not in ("pil", "np"):
+            raise InvalidArgumentError("output_type must be 'pil' or 'np'")
+        self._check_latent(latent)
+        s = GenerationSettings(prompt="", width=latent.width, height=latent.height)
+        params, keep = self._params(s)
+        view = TensorViews([((0, "latent", 0), latent.data)])
+        image = ffi.new("sd_image_t*")
+        self._native(lib.sdcpp_decode, params, view.first, image)
+        try:
+            pil = _to_pil(image[0])
+        finally:
+            lib.free(image.data)
+        return pil if output_type == "pil" else np.asarray(pil)
+
+    def encode_image(self, image: ImageLike, *, seed: int = 0, width: Optional[int] = None,
+                     height: Optional[int] = None) -> Latent:
+        """Image to latent (the VAE encoder), seeded as generate() seeds an init image's encoding."""
+        pil = _as_pil(image)
+        s = GenerationSettings(prompt="", width=width or pil.width, height=height or pil.height,
+                               seed=resolve_seed(seed))
+        params, keep = self._params(s)
+        sd_image = ffi.new("sd_image_t*")
+        keep.append(_fill_image(sd_image[0], pil))
+        out = ffi.new("sdcpp_result_t**")
+        self._native(lib.sdcpp_encode_image, params, sd_image, out)
+        del keep
+        (_, data), = read_result(out[0])
+        return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
+
+    def sweep(self, prompt: str, **grid: Any):
+        """Images for every combination of the given values, one encoding per prompt.
+
+        See :func:`sdcpp_py.sweep.sweep` for the arguments.
+        """
+        from .sweep import sweep
+
+        return sweep(self, prompt, **grid)
+
+    # -- text-encoder residency --------------------------------------------------------------
+    @property
+    def encoder_loaded(self) -> bool:
+        return bool(lib.sdcpp_encoder_loaded(self._require_open()))
+
+    def release_encoder(self) -> None:
+        """Free the text encoder's weights (reloaded from its file by the next encode())."""
+        if self.encoder_loaded:
+            self._native(lib.sdcpp_encoder_release, error=ModelLoadError)
+
+    def _ensure_encoder(self) -> None:
+        if self.encoder_loaded:
+            return
+        path = self.paths["llm"] or self.paths["model"]
+        if path is None or not path.is_file():
+            raise ModelLoadError(f"cannot reload the text encoder: {path} is gone")
+        self._native(lib.sdcpp_encoder_reload, ffi.new("char[]", str(path).encode()), error=ModelLoadError)
+
+    # -- checks ------------------------------------------------------------------------------
+    def _check_conditioning(self, c: Conditioning) -> None:
+        if not isinstance(c, Conditioning):
+            raise TypeError(f"expected a Conditioning, not {type(c).__name__}")
+        if c.family != self.family:
+            raise IncompatibleModelError(f"this conditioning was made for {c.family}, not {self.family}")
+        width = self.components.dit_context_dim
+        if width is not None and c.context.shape[-1] != width:
+            raise IncompatibleModelError(
+                f"conditioning width {c.context.shape[-1]} does not fit this model ({width})")
+        if c.encoder != self.encoder_id:
+            logger.warning("conditioning comes from another text encoder (%s)", c.encoder)
+
+    def _check_latent(self, latent: Latent) -> None:
+        if not isinstance(latent, Latent):
+            raise TypeError(f"expected a Latent, not {type(latent).__name__}")
+        if latent.family != self.family:
+            raise IncompatibleModelError(f"this latent belongs to {latent.family}, not {self.family}")
+        d = latent.data
+        if d.ndim != 4 or d.shape[0] != 1 or d.shape[-1] < 1 or d.shape[-2] < 1:
+            raise InvalidArgumentError(f"latent data must have shape (1, C, h, w), got {d.shape}")
+        if latent.width % 16 or latent.height % 16 or latent.width * latent.height > 4096 * 4096:
+            raise InvalidArgumentError(f"latent of {latent.width}x{latent.height} pixels is out of range")
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -200,12 +414,55 @@ def _path(p: Optional[PathLike]) -> Optional[Path]:
     return Path(p).expanduser().resolve()
 
 
+def _file_identity(p: Optional[Path]) -> str:
+    if p is None:
+        return "none"
+    st = p.stat()
+    return f"{p.name}:{hashlib.sha1(f'{p}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]}"
+
+
+def _as_pil(image: ImageLike) -> Image.Image:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+            raise InvalidArgumentError("image arrays must be uint8 of shape (H, W, 3 or 4)")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or a numpy array, not {type(image).__name__}")
+    if not (16 <= image.width <= 4096 and 16 <= image.height <= 4096):
+        raise InvalidArgumentError(f"image of {image.width}x{image.height} is out of range")
+    return image.convert("RGB")
+
+
+def _fill_image(struct, image: ImageLike):
+    """Point an ``sd_image_t`` at an RGB copy of ``image``; returns what must stay alive."""
+    rgb = np.ascontiguousarray(np.asarray(_as_pil(image)), dtype=np.uint8)
+    buf = ffi.from_buffer(rgb)
+    struct.width, struct.height, struct.channel = rgb.shape[1], rgb.shape[0], 3
+    struct.data = ffi.cast("uint8_t*", buf)
+    return (rgb, buf)
+
+
 def _to_pil(img) -> Image.Image:
     w, h, c = img.width, img.height, img.channel
     if img.data == ffi.NULL or c not in (1, 3, 4):
         raise GenerationError(f"engine returned an empty image ({w}x{h}x{c})")
     arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
     return Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+
+
+class _NativeLog(logging.Handler):
+    """Collects the engine's log lines while a native call runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def errors(self) -> str:
+        lines = [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
+        return "\n".join(lines[-5:])
 
 
 class _capture:

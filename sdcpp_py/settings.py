@@ -84,6 +84,7 @@ class ContextSettings:
     diffusion_conv_direct: bool = False
     rng: str = "cuda"                    # the engine's default noise generator
     sampler_rng: Optional[str] = None    # None: same as rng
+    release_encoder: bool = False        # free the text encoder after each encoding, reload on demand
 
     def __post_init__(self) -> None:
         _int("n_threads", self.n_threads, 1, 1024)
@@ -91,7 +92,8 @@ class ContextSettings:
         object.__setattr__(self, "rng", _choice("rng", self.rng, RNG_TYPES))
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
         for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
-                     "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct"):
+                     "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
+                     "release_encoder"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
 
@@ -134,6 +136,8 @@ class GenerationSettings:
     batch_count: int = 1
     flow_shift: Optional[float] = None   # None: the model's default
     guidance: Optional[float] = None     # distilled guidance; None: engine default
+    sigmas: Optional[Tuple[float, ...]] = None  # custom schedule (steps + 1 values); overrides steps
+    strength: float = 0.75               # img2img: how much of the schedule runs on the init image
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -157,6 +161,17 @@ class GenerationSettings:
             object.__setattr__(self, "flow_shift", _float("flow_shift", self.flow_shift, 1e-3, 100.0))
         if self.guidance is not None:
             object.__setattr__(self, "guidance", _float("guidance", self.guidance, 0.0, 100.0))
+        object.__setattr__(self, "strength", _float("strength", self.strength, 0.0, 1.0))
+        if self.sigmas is not None:
+            if isinstance(self.sigmas, (str, bytes)) or not hasattr(self.sigmas, "__len__"):
+                raise TypeError("sigmas must be a sequence of numbers")
+            sig = tuple(_float("sigma", v, 0.0, 1e4) for v in self.sigmas)
+            if not 2 <= len(sig) <= MAX_STEPS + 1:
+                raise InvalidArgumentError(f"sigmas needs 2 to {MAX_STEPS + 1} values, got {len(sig)}")
+            if any(b > a for a, b in zip(sig, sig[1:])):
+                raise InvalidArgumentError("sigmas must not increase")
+            object.__setattr__(self, "sigmas", sig)
+            object.__setattr__(self, "steps", len(sig) - 1)
 
     def seeds(self) -> List[int]:
         return [self.seed + i for i in range(self.batch_count)]
@@ -185,4 +200,8 @@ class GenerationSettings:
             s.scheduler = lib.str_to_scheduler(self.scheduler.encode())
         if self.flow_shift is not None:
             s.flow_shift = self.flow_shift
+        if self.sigmas is not None:
+            keep.append(ffi.new("float[]", list(self.sigmas)))
+            s.custom_sigmas, s.custom_sigmas_count = keep[-1], len(self.sigmas)
+        p.strength = self.strength
         return keep

@@ -2,8 +2,16 @@
 //
 // Upstream's stable-diffusion.cpp is included here as part of this translation
 // unit (CMake marks the original as header-only), so the shim can reach the
-// file's static helpers without editing upstream.
+// file's static helpers (GenerationRequest, SamplePlan, the latent preparation,
+// the VAE axes guard) and repeat generate_image's steps one stage at a time
+// without editing upstream. See sdcpp_shim.h for the contract of each entry.
 #include "stable-diffusion.cpp"
+
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #define SHIM_API extern "C" __attribute__((visibility("default")))
 
@@ -15,6 +23,489 @@ extern "C" {
 #include "sdcpp_shim.h"
 }
 
+namespace {
+
+thread_local std::string last_error;
+
+int fail(const std::string& message) {
+    last_error = message;
+    return -1;
+}
+
+// Runs f, turning any C++ exception into an error code and message.
+template <class F>
+int guarded(const char* what, F&& f) {
+    last_error.clear();
+    try {
+        return f();
+    } catch (const std::exception& e) {
+        return fail(std::string(what) + ": " + e.what());
+    } catch (...) {
+        return fail(std::string(what) + ": unknown C++ exception");
+    }
+}
+
+struct Entry {
+    int role = 0;
+    std::string part;
+    int index = 0;
+    sd::Tensor<float> f32;
+    sd::Tensor<int32_t> i32;
+    bool is_int32 = false;
+};
+
+std::vector<int64_t> shape_of(const sdcpp_tensor_t& t) {
+    if (t.data == nullptr || t.ndim < 1 || t.ndim > 5) {
+        throw std::invalid_argument("tensor view without data or with 1..5 dimensions expected");
+    }
+    std::vector<int64_t> shape(t.ne, t.ne + t.ndim);
+    for (int64_t d : shape) {
+        if (d <= 0) {
+            throw std::invalid_argument("tensor dimensions must be positive");
+        }
+    }
+    return shape;
+}
+
+sd::Tensor<float> to_float_tensor(const sdcpp_tensor_t& t) {
+    if (t.is_int32) {
+        throw std::invalid_argument("expected a float32 tensor");
+    }
+    sd::Tensor<float> out(shape_of(t));
+    std::memcpy(out.data(), t.data, static_cast<size_t>(out.numel()) * sizeof(float));
+    return out;
+}
+
+sd::Tensor<int32_t> to_int_tensor(const sdcpp_tensor_t& t) {
+    if (!t.is_int32) {
+        throw std::invalid_argument("expected an int32 tensor");
+    }
+    sd::Tensor<int32_t> out(shape_of(t));
+    std::memcpy(out.data(), t.data, static_cast<size_t>(out.numel()) * sizeof(int32_t));
+    return out;
+}
+
+// The parts of one role (0 positive, 1 negative) of a conditioning.
+SDCondition condition_from(const sdcpp_tensor_t* parts, int n, int role, bool* found) {
+    SDCondition c;
+    *found = false;
+    for (int i = 0; i < n; i++) {
+        const sdcpp_tensor_t& p = parts[i];
+        if (p.role != role || p.part == nullptr) {
+            continue;
+        }
+        *found        = true;
+        std::string k = p.part;
+        if (k == "c_crossattn") {
+            c.c_crossattn = to_float_tensor(p);
+        } else if (k == "c_vector") {
+            c.c_vector = to_float_tensor(p);
+        } else if (k == "c_concat") {
+            c.c_concat = to_float_tensor(p);
+        } else if (k == "c_t5_ids") {
+            c.c_t5_ids = to_int_tensor(p);
+        } else if (k == "c_t5_weights") {
+            c.c_t5_weights = to_float_tensor(p);
+        } else if (k == "extra_c_crossattn") {
+            if (p.index < 0 || p.index > 64) {
+                throw std::invalid_argument("extra_c_crossattn index out of range");
+            }
+            if (c.extra_c_crossattns.size() <= static_cast<size_t>(p.index)) {
+                c.extra_c_crossattns.resize(p.index + 1);
+            }
+            c.extra_c_crossattns[p.index] = to_float_tensor(p);
+        } else {
+            throw std::invalid_argument("unknown conditioning part '" + k + "'");
+        }
+    }
+    return c;
+}
+
+void add_float(std::vector<Entry>& out, int role, const char* part, int index, const sd::Tensor<float>& t) {
+    if (t.empty()) {
+        return;
+    }
+    Entry e;
+    e.role  = role;
+    e.part  = part;
+    e.index = index;
+    e.f32   = t;
+    out.push_back(std::move(e));
+}
+
+void add_condition(std::vector<Entry>& out, int role, const SDCondition& c) {
+    add_float(out, role, "c_crossattn", 0, c.c_crossattn);
+    add_float(out, role, "c_vector", 0, c.c_vector);
+    add_float(out, role, "c_concat", 0, c.c_concat);
+    add_float(out, role, "c_t5_weights", 0, c.c_t5_weights);
+    if (!c.c_t5_ids.empty()) {
+        Entry e;
+        e.role     = role;
+        e.part     = "c_t5_ids";
+        e.i32      = c.c_t5_ids;
+        e.is_int32 = true;
+        out.push_back(std::move(e));
+    }
+    for (size_t i = 0; i < c.extra_c_crossattns.size(); i++) {
+        add_float(out, role, "extra_c_crossattn", static_cast<int>(i), c.extra_c_crossattns[i]);
+    }
+}
+
+bool ready(sd_ctx_t* ctx, const void* a, const void* b) {
+    return ctx != nullptr && ctx->sd != nullptr && a != nullptr && b != nullptr;
+}
+
+}  // namespace
+
+struct sdcpp_result {
+    std::vector<Entry> entries;
+};
+
+namespace {
+
+int deliver(std::unique_ptr<sdcpp_result> result, sdcpp_result_t** out) {
+    *out = result.release();
+    return 0;
+}
+
+bool encoder_is_loaded(sd_ctx_t* ctx) {
+    return ctx->sd->cond_stage_model && ctx->sd->cond_stage_model->get_params_buffer_size() > 0;
+}
+
+}  // namespace
+
 SHIM_API const char* sdcpp_shim_version(void) {
     return SDCPP_PY_VERSION;
+}
+
+SHIM_API const char* sdcpp_last_error(void) {
+    return last_error.c_str();
+}
+
+SHIM_API int sdcpp_result_count(const sdcpp_result_t* result) {
+    return result == nullptr ? 0 : static_cast<int>(result->entries.size());
+}
+
+SHIM_API int sdcpp_result_get(const sdcpp_result_t* result, int i, sdcpp_tensor_t* out) {
+    if (result == nullptr || out == nullptr || i < 0 || i >= sdcpp_result_count(result)) {
+        return fail("result index out of range");
+    }
+    const Entry& e                    = result->entries[i];
+    const std::vector<int64_t>& shape = e.is_int32 ? e.i32.shape() : e.f32.shape();
+    if (shape.size() > 5) {
+        return fail("tensor has more than 5 dimensions");
+    }
+    *out          = {};
+    out->role     = e.role;
+    out->part     = e.part.c_str();
+    out->index    = e.index;
+    out->is_int32 = e.is_int32;
+    out->ndim     = static_cast<int>(shape.size());
+    for (size_t d = 0; d < shape.size(); d++) {
+        out->ne[d] = shape[d];
+    }
+    out->data = e.is_int32 ? static_cast<void*>(const_cast<int32_t*>(e.i32.data()))
+                           : static_cast<void*>(const_cast<float*>(e.f32.data()));
+    return 0;
+}
+
+SHIM_API void sdcpp_result_free(sdcpp_result_t* result) {
+    delete result;
+}
+
+SHIM_API int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool with_negative,
+                          sdcpp_result_t** out) {
+    return guarded("encode", [&]() -> int {
+        if (!ready(ctx, params, out)) {
+            return fail("encode: null argument");
+        }
+        if (!encoder_is_loaded(ctx)) {
+            return fail("encode: the text encoder is released; reload it first");
+        }
+        StableDiffusionGGML* sd = ctx->sd;
+        GenerationRequest request(ctx, params);
+        std::vector<sd::Tensor<float>> no_ref_images;
+
+        // As prepare_image_generation_embeds does it.
+        ConditionerParams cp;
+        cp.text            = request.prompt;
+        cp.clip_skip       = request.clip_skip;
+        cp.width           = request.width;
+        cp.height          = request.height;
+        cp.ref_images      = &no_ref_images;
+        cp.adm_in_channels = static_cast<int>(sd->diffusion_model->get_adm_in_channels());
+        cp.zero_out_masked = false;
+
+        int64_t t0  = ggml_time_ms();
+        auto result = std::make_unique<sdcpp_result>();
+        add_condition(result->entries, 0, sd->cond_stage_model->get_learned_condition(sd->n_threads, cp));
+        if (with_negative) {
+            cp.text            = request.negative_prompt;
+            cp.zero_out_masked = sd_version_is_sdxl(sd->version) && request.negative_prompt.empty() &&
+                                 !sd->is_using_edm_v_parameterization;
+            add_condition(result->entries, 1, sd->cond_stage_model->get_learned_condition(sd->n_threads, cp));
+        }
+        LOG_INFO("get_learned_condition completed, taking %.2fs", (ggml_time_ms() - t0) * 1.0f / 1000);
+        return deliver(std::move(result), out);
+    });
+}
+
+SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
+                           const sdcpp_tensor_t* condition, int n_condition,
+                           const sdcpp_tensor_t* init_latent, const sdcpp_tensor_t* noise, int n_noise,
+                           sdcpp_result_t** out) {
+    return guarded("denoise", [&]() -> int {
+        if (!ready(ctx, params, out) || condition == nullptr || n_condition <= 0) {
+            return fail("denoise: null argument or empty conditioning");
+        }
+        StableDiffusionGGML* sd = ctx->sd;
+
+        // generate_image's steps 1-4, unchanged.
+        sd->vae_tiling_params = params->vae_tiling_params;
+        GenerationRequest request(ctx, params);
+        sd->rng->manual_seed(request.seed);
+        sd->sampler_rng->manual_seed(request.seed);
+        sd->set_flow_shift(params->sample_params.flow_shift);
+        sd->apply_loras(params->loras, params->lora_count);
+        ImageVaeAxesGuard axes_guard(ctx, params, request);
+        SamplePlan plan(ctx, params, request);
+        auto latents_opt = prepare_image_generation_latents(ctx, params, &request, &plan);
+        if (!latents_opt.has_value()) {
+            return fail("denoise: preparing the latents failed (see the log)");
+        }
+        ImageGenerationLatents latents = std::move(*latents_opt);
+
+        if (init_latent != nullptr) {
+            sd::Tensor<float> given = to_float_tensor(*init_latent);
+            if (given.shape() != latents.init_latent.shape()) {
+                return fail("denoise: init latent shape " + sd::tensor_shape_to_string(given.shape()) +
+                            " does not match " + sd::tensor_shape_to_string(latents.init_latent.shape()) +
+                            " for this size");
+            }
+            if (params->init_image.data == nullptr && request.strength < 1.f) {
+                // img2img's schedule trimming (prepare_image_generation_latents).
+                size_t t_enc = static_cast<size_t>(plan.sample_steps * request.strength);
+                if (t_enc == static_cast<size_t>(plan.sample_steps)) {
+                    t_enc--;
+                }
+                std::vector<float> sigma_sched(plan.sigmas.begin() + plan.sample_steps - t_enc - 1, plan.sigmas.end());
+                plan.sigmas       = std::move(sigma_sched);
+                plan.sample_steps = static_cast<int>(plan.sigmas.size() - 1);
+            }
+            latents.init_latent = std::move(given);
+        }
+        if (noise != nullptr && n_noise != request.batch_count) {
+            return fail("denoise: give one noise tensor per image of the batch");
+        }
+
+        // Step 5 with the caller's conditioning instead of a new encoding.
+        bool has_cond = false, has_uncond = false;
+        ImageGenerationEmbeds embeds;
+        embeds.cond = condition_from(condition, n_condition, 0, &has_cond);
+        if (!has_cond) {
+            return fail("denoise: the conditioning has no positive part");
+        }
+        if (embeds.cond.c_concat.empty()) {
+            embeds.cond.c_concat = latents.concat_latent;
+        }
+        if (request.use_uncond || request.use_high_noise_uncond) {
+            embeds.uncond = condition_from(condition, n_condition, 1, &has_uncond);
+            if (!has_uncond) {
+                return fail("denoise: cfg_scale != 1 needs a negative conditioning (encode with a negative prompt)");
+            }
+            if (embeds.uncond.c_concat.empty()) {
+                embeds.uncond.c_concat = latents.uncond_concat_latent;
+            }
+        }
+        if (request.use_img_cond) {
+            embeds.img_cond = SDCondition(embeds.uncond.c_crossattn, embeds.uncond.c_vector, embeds.cond.c_concat);
+        }
+
+        // Step 6: per image, reseed both rngs with seed + b, draw noise, sample.
+        auto result = std::make_unique<sdcpp_result>();
+        for (int b = 0; b < request.batch_count; b++) {
+            int64_t start    = ggml_time_ms();
+            int64_t cur_seed = request.seed + b;
+            LOG_INFO("generating image: %i/%i - seed %" PRId64, b + 1, request.batch_count, cur_seed);
+            sd->rng->manual_seed(cur_seed);
+            sd->sampler_rng->manual_seed(cur_seed);
+            sd::Tensor<float> x_noise;
+            if (noise != nullptr) {
+                x_noise = to_float_tensor(noise[b]);
+                if (x_noise.shape() != latents.init_latent.shape()) {
+                    return fail("denoise: noise shape does not match the latent shape");
+                }
+            } else {
+                x_noise = sd::randn_like<float>(latents.init_latent, sd->rng);
+            }
+            sd::Tensor<float> x_0 = sd->sample(sd->diffusion_model, true, latents.init_latent, std::move(x_noise),
+                                               embeds.cond, embeds.uncond, embeds.img_cond, embeds.id_cond,
+                                               latents.control_image, request.control_strength, request.guidance,
+                                               plan.eta, request.shifted_timestep, plan.sample_method,
+                                               sd->is_flow_denoiser(), plan.sigmas, plan.start_merge_step,
+                                               latents.ref_latents, request.increase_ref_index,
+                                               latents.denoise_mask, sd::Tensor<float>(), 1.f,
+                                               request.cache_params);
+            if (x_0.empty()) {
+                return fail("denoise: sampling failed for image " + std::to_string(b + 1));
+            }
+            LOG_INFO("sampling completed, taking %.2fs", (ggml_time_ms() - start) * 1.0f / 1000);
+            add_float(result->entries, 0, "latent", b, x_0);
+        }
+        return deliver(std::move(result), out);
+    });
+}
+
+SHIM_API int sdcpp_decode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const sdcpp_tensor_t* latent,
+                          sd_image_t* out) {
+    return guarded("decode", [&]() -> int {
+        if (!ready(ctx, params, out) || latent == nullptr) {
+            return fail("decode: null argument");
+        }
+        StableDiffusionGGML* sd = ctx->sd;
+        sd::Tensor<float> x     = to_float_tensor(*latent);
+        if (x.dim() < 3 || x.shape()[2] != sd->get_latent_channel()) {
+            return fail("decode: latent has " + (x.dim() < 3 ? std::string("too few dimensions") : std::to_string(x.shape()[2]) + " channels") +
+                        "; this model's latents have " + std::to_string(sd->get_latent_channel()));
+        }
+        sd->vae_tiling_params = params->vae_tiling_params;
+        GenerationRequest request(ctx, params);
+        ImageVaeAxesGuard axes_guard(ctx, params, request);
+        int64_t t0              = ggml_time_ms();
+        sd::Tensor<float> image = sd->decode_first_stage(x);
+        if (image.empty()) {
+            return fail("decode: the VAE failed (see the log)");
+        }
+        LOG_INFO("decode_first_stage completed, taking %.2fs", (ggml_time_ms() - t0) * 1.0f / 1000);
+        *out = tensor_to_sd_image(image);
+        return out->data == nullptr ? fail("decode: out of memory") : 0;
+    });
+}
+
+SHIM_API int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const sd_image_t* image,
+                                sdcpp_result_t** out) {
+    return guarded("encode_image", [&]() -> int {
+        if (!ready(ctx, params, out) || image == nullptr || image->data == nullptr) {
+            return fail("encode_image: null argument");
+        }
+        StableDiffusionGGML* sd = ctx->sd;
+        if (sd->vae_decode_only) {
+            return fail("encode_image: the context was created without the VAE encoder");
+        }
+        sd->vae_tiling_params = params->vae_tiling_params;
+        GenerationRequest request(ctx, params);
+        sd->rng->manual_seed(request.seed);
+        sd->sampler_rng->manual_seed(request.seed);
+        ImageVaeAxesGuard axes_guard(ctx, params, request);
+        sd::Tensor<float> x = sd_image_to_tensor(*image, request.width, request.height);
+        sd::Tensor<float> z = sd->encode_first_stage(x);
+        if (z.empty()) {
+            return fail("encode_image: the VAE encoder failed (see the log)");
+        }
+        auto result = std::make_unique<sdcpp_result>();
+        add_float(result->entries, 0, "latent", 0, z);
+        return deliver(std::move(result), out);
+    });
+}
+
+SHIM_API bool sdcpp_encoder_loaded(sd_ctx_t* ctx) {
+    return ctx != nullptr && ctx->sd != nullptr && encoder_is_loaded(ctx);
+}
+
+SHIM_API int sdcpp_encoder_release(sd_ctx_t* ctx) {
+    return guarded("encoder_release", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr || !ctx->sd->cond_stage_model) {
+            return fail("encoder_release: no text encoder");
+        }
+        ctx->sd->cond_stage_model->free_params_buffer();
+        LOG_INFO("text encoder released");
+        return 0;
+    });
+}
+
+SHIM_API int sdcpp_encoder_reload(sd_ctx_t* ctx, const char* llm_path) {
+    return guarded("encoder_reload", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr || !ctx->sd->cond_stage_model || llm_path == nullptr) {
+            return fail("encoder_reload: no text encoder");
+        }
+        StableDiffusionGGML* sd = ctx->sd;
+        if (encoder_is_loaded(ctx)) {
+            return 0;
+        }
+        int64_t t0 = ggml_time_ms();
+        ModelLoader loader;
+        if (!loader.init_from_file(llm_path, "text_encoders.llm.")) {
+            return fail(std::string("encoder_reload: cannot read ") + llm_path);
+        }
+        loader.convert_tensors_name();
+        std::map<std::string, ggml_tensor*> tensors;
+        sd->cond_stage_model->get_param_tensors(tensors);
+        // The tensors still point into the freed buffer: detach them so they are allocated anew.
+        for (auto& kv : tensors) {
+            kv.second->data   = nullptr;
+            kv.second->buffer = nullptr;
+        }
+        sd->cond_stage_model->alloc_params_buffer();
+        if (!encoder_is_loaded(ctx)) {
+            return fail("encoder_reload: cannot allocate the text encoder's weights");
+        }
+        std::set<std::string> ignore = {"text_encoders.llm.visual.", "text_encoders.llm.vision_model.",
+                                        "text_encoders.llm.visual_tokenizer.", "text_encoders.llm.vte.",
+                                        "text_encoders.llm.vision_tower.", "text_encoders.llm.multi_modal_projector."};
+        if (!loader.load_tensors(tensors, ignore, sd->n_threads, false)) {
+            sd->cond_stage_model->free_params_buffer();
+            return fail("encoder_reload: loading the text encoder's tensors failed (see the log)");
+        }
+        LOG_INFO("text encoder reloaded in %.2fs", (ggml_time_ms() - t0) * 1.0f / 1000);
+        return 0;
+    });
+}
+
+SHIM_API int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower) {
+    return guarded("share_encoder", [&]() -> int {
+        if (owner == nullptr || borrower == nullptr || owner->sd == nullptr || borrower->sd == nullptr) {
+            return fail("share_encoder: null context");
+        }
+        auto from = std::dynamic_pointer_cast<LLMEmbedder>(owner->sd->cond_stage_model);
+        auto to   = std::dynamic_pointer_cast<LLMEmbedder>(borrower->sd->cond_stage_model);
+        if (!from || !to || !from->llm || !to->llm) {
+            return fail("share_encoder: both models must use an LLM text encoder");
+        }
+        if (from->llm == to->llm) {
+            return 0;
+        }
+        to->llm = from->llm;  // the borrower's own runner (and its weights) is released here
+        LOG_INFO("text encoder shared between two contexts");
+        return 0;
+    });
+}
+
+namespace {
+
+// GGMLRunner keeps its backends protected; pointers to members taken through a
+// derived class reach them without changing upstream.
+struct RunnerBackends : GGMLRunner {
+    static ggml_backend_t GGMLRunner::*runtime() { return &RunnerBackends::runtime_backend; }
+    static ggml_backend_t GGMLRunner::*params() { return &RunnerBackends::params_backend; }
+};
+
+}  // namespace
+
+SHIM_API int sdcpp_rebind_encoder(sd_ctx_t* ctx) {
+    return guarded("rebind_encoder", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr) {
+            return fail("rebind_encoder: null context");
+        }
+        auto embedder = std::dynamic_pointer_cast<LLMEmbedder>(ctx->sd->cond_stage_model);
+        if (!embedder || !embedder->llm) {
+            return fail("rebind_encoder: no LLM text encoder");
+        }
+        ggml_backend_t backend = ctx->sd->clip_backend != nullptr ? ctx->sd->clip_backend : ctx->sd->backend;
+        GGMLRunner* runner     = embedder->llm.get();
+        if (runner->*RunnerBackends::params() == runner->*RunnerBackends::runtime()) {
+            runner->*RunnerBackends::params() = backend;
+        }
+        runner->*RunnerBackends::runtime() = backend;
+        return 0;
+    });
 }

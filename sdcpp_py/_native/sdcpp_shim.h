@@ -1,5 +1,78 @@
 /* sdcpp-py native shim: plain C declarations, parsed as they are by cffi
- * (no preprocessor lines) and included by sdcpp_shim.cpp. */
+ * (no preprocessor lines; the types of stable-diffusion.h come first) and
+ * included by sdcpp_shim.cpp.
+ *
+ * Staged generation: encode (text -> conditioning), denoise (conditioning ->
+ * latents), decode (latent -> image) and encode_image (image -> latent), each a
+ * call of its own, so one encoding serves many seeds, sizes and step counts.
+ * Every entry returns 0 on success or -1 with a message for sdcpp_last_error()
+ * (kept per thread); C++ exceptions never cross this boundary. */
 
 /* The sdcpp_py version this library was built for (the Python package checks it). */
 const char* sdcpp_shim_version(void);
+
+/* The message of the last failed call on this thread ("" if none). */
+const char* sdcpp_last_error(void);
+
+/* A tensor view: shape in ggml order (ne[0] innermost), float32 or int32 data.
+ * Conditioning parts carry role (0 positive, 1 negative), the part name
+ * ("c_crossattn", "c_vector", "c_concat", "c_t5_ids", "c_t5_weights",
+ * "extra_c_crossattn") and an index (within extra_c_crossattn, else 0). */
+typedef struct {
+    int role;
+    const char* part;
+    int index;
+    int is_int32;
+    int ndim;
+    int64_t ne[5];
+    void* data;
+} sdcpp_tensor_t;
+
+/* Tensors owned by the library, read through sdcpp_result_get, freed by sdcpp_result_free. */
+typedef struct sdcpp_result sdcpp_result_t;
+int sdcpp_result_count(const sdcpp_result_t* result);
+int sdcpp_result_get(const sdcpp_result_t* result, int i, sdcpp_tensor_t* out);
+void sdcpp_result_free(sdcpp_result_t* result);
+
+/* Text -> conditioning. Uses params->prompt, negative_prompt, clip_skip, width
+ * and height as generate_image does; the negative prompt is encoded only when
+ * with_negative is true. */
+int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool with_negative,
+                 sdcpp_result_t** out);
+
+/* Conditioning (+ optional init latent, optional noise) -> params->batch_count
+ * latents, exactly as generate_image samples them: same seeds (seed + i), rng
+ * reseeding, flow shift, sigmas, guidance. init_latent (one latent) replaces
+ * txt2img's empty latent and params->strength trims the schedule as img2img
+ * does; noise (batch_count latents, or NULL) replaces the seeded noise.
+ * params->ref_images are encoded as reference latents (FLUX.2 editing). */
+int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
+                  const sdcpp_tensor_t* condition, int n_condition,
+                  const sdcpp_tensor_t* init_latent, const sdcpp_tensor_t* noise, int n_noise,
+                  sdcpp_result_t** out);
+
+/* Latent -> image (data allocated with malloc: free it with free()). Uses
+ * params->vae_tiling_params, width and height. */
+int sdcpp_decode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const sdcpp_tensor_t* latent,
+                 sd_image_t* out);
+
+/* Image -> latent, with the rngs seeded from params->seed as generate_image seeds
+ * them before it encodes an init image. */
+int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const sd_image_t* image,
+                       sdcpp_result_t** out);
+
+/* Text-encoder residency: release its weights, and load them again from llm_path. */
+int sdcpp_encoder_release(sd_ctx_t* ctx);
+int sdcpp_encoder_reload(sd_ctx_t* ctx, const char* llm_path);
+bool sdcpp_encoder_loaded(sd_ctx_t* ctx);
+
+/* Make borrower's text encoder the owner's (one set of weights in memory for two
+ * contexts of LLM-conditioned models built from the same encoder file). The
+ * borrower's own encoder is freed. Both conditioners keep their own prompt
+ * templates and output layers. */
+int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower);
+
+/* Point the (shared) text encoder of ctx at ctx's own backend. Call it on a
+ * context that stays open before freeing another member of a sharing group:
+ * the encoder must not run on a freed context's backend. */
+int sdcpp_rebind_encoder(sd_ctx_t* ctx);

@@ -1,0 +1,72 @@
+"""Sweeps: a grid of seeds x steps x sizes x cfg x samplers for one prompt, encoded once."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from .settings import GenerationSettings
+from .staged import Conditioning, Latent
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
+
+
+@dataclass
+class SweepItem:
+    image: Image.Image
+    latent: Latent
+    settings: GenerationSettings
+    timings: Dict[str, float]
+
+
+@dataclass
+class SweepResult:
+    items: List[SweepItem]
+    conditioning: Conditioning
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images(self) -> List[Image.Image]:
+        return [i.image for i in self.items]
+
+
+def _encode(pipe: "Pipeline", prompt: str, cfg_scales: Sequence[Optional[float]],
+            negative_prompt: str) -> Conditioning:
+    default_cfg = pipe.preset.cfg_scale if pipe.preset else 1.0
+    need_negative = any((c if c is not None else default_cfg) != 1.0 for c in cfg_scales)
+    return pipe.encode(prompt, negative_prompt if need_negative else None)
+
+
+def iter_sweep(pipe: "Pipeline", prompt: str, *, seeds: Sequence[Optional[int]] = (None,),
+               steps: Sequence[Optional[int]] = (None,), sizes: Sequence[Optional[Tuple[int, int]]] = (None,),
+               cfg_scales: Sequence[Optional[float]] = (None,), samplers: Sequence[Optional[str]] = (None,),
+               schedulers: Sequence[Optional[str]] = (None,), negative_prompt: str = "",
+               conditioning: Optional[Conditioning] = None, progress=None) -> Iterator[SweepItem]:
+    """Yield one item per grid point as soon as it is decoded. The prompt is encoded
+    once (with its negative only if some cfg differs from 1), unless ``conditioning``
+    is given."""
+    cond = conditioning if conditioning is not None else _encode(pipe, prompt, cfg_scales, negative_prompt)
+    for size, n, cfg, sampler, scheduler, seed in itertools.product(
+            sizes, steps, cfg_scales, samplers, schedulers, seeds):
+        width, height = size if size is not None else (None, None)
+        latent = pipe.denoise(cond, width=width, height=height, steps=n, cfg_scale=cfg, sampler=sampler,
+                              scheduler=scheduler, seed=seed, progress=progress)
+        t0 = time.perf_counter()
+        image = pipe.decode(latent)
+        decode_s = time.perf_counter() - t0
+        yield SweepItem(image, latent, latent.info["settings"],
+                        {"denoise_s": latent.info["denoise_s"], "decode_s": decode_s})
+
+
+def sweep(pipe: "Pipeline", prompt: str, *, negative_prompt: str = "", **grid) -> SweepResult:
+    """Run :func:`iter_sweep` to the end; timings hold encode_s and wall_s."""
+    start = time.perf_counter()
+    cond = _encode(pipe, prompt, grid.get("cfg_scales", (None,)), negative_prompt)
+    encode_s = time.perf_counter() - start
+    items = list(iter_sweep(pipe, prompt, conditioning=cond, **grid))
+    return SweepResult(items, cond, {"encode_s": encode_s, "wall_s": time.perf_counter() - start})
