@@ -31,6 +31,9 @@ logger = logging.getLogger("sdcpp_py")
 PathLike = Union[str, Path]
 ImageLike = Union[Image.Image, np.ndarray]
 LATENT_SCALE = {Z_IMAGE: 8, FLUX2_KLEIN: 16, FLUX2_DEV: 16}
+ENCODER, DIFFUSION = 0, 1                     # the shim's component ids
+_COMPONENT_FILE = {ENCODER: "llm", DIFFUSION: "diffusion_model"}
+_COMPONENT_NAME = {ENCODER: "text encoder", DIFFUSION: "diffusion model"}
 
 
 @dataclass
@@ -96,14 +99,20 @@ class Pipeline:
                 keep.append(ffi.new("char[]", str(path).encode()))
                 setattr(params, "model_path" if name == "model" else f"{name}_path", keep[-1])
         self.settings.fill(params)
+        deferred = [c for c, flag in ((ENCODER, self.settings.release_encoder),
+                                      (DIFFUSION, self.settings.release_diffusion)) if flag]
+        for c in deferred:
+            if self.paths[_COMPONENT_FILE[c]] is None:
+                raise InvalidArgumentError(f"releasing the {_COMPONENT_NAME[c]} needs it in a file of its own "
+                                           f"({_COMPONENT_FILE[c]}=...)")
         start = time.perf_counter()
         with native_call_lock, _capture() as log, progress_scope(None):
-            ctx = lib.new_sd_ctx(params)
+            ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred))
         self.load_seconds = time.perf_counter() - start
         if ctx == ffi.NULL:
             raise ModelLoadError("stable-diffusion.cpp could not create a context"
                                  + (f":\n{log.errors()}" if log.errors() else ""))
-        self._ctx = ffi.gc(ctx, lib.free_sd_ctx)
+        self._ctx = ffi.gc(ctx, lib.sdcpp_free_ctx)
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
@@ -222,11 +231,14 @@ class Pipeline:
         if s.sampler is None or s.scheduler is None:
             s = self._with_engine_defaults(s)
         params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
+        self._ensure(ENCODER)
+        self._ensure(DIFFUSION)
         start = time.perf_counter()
         with native_call_lock, _capture() as log, progress_scope(progress):
             images = lib.generate_image(ctx, params)
         seconds = time.perf_counter() - start
         del keep
+        self._after_encoding()
         if images == ffi.NULL:
             raise GenerationError("generation failed" + (f":\n{log.errors()}" if log.errors() else ""))
         try:
@@ -277,8 +289,7 @@ class Pipeline:
         del keep
         cond = Conditioning(dict(read_result(out[0])), self.family, self.encoder_id, prompt,
                             negative_prompt, seconds)
-        if self.settings.release_encoder:
-            self.release_encoder()
+        self._after_encoding()
         if use_cache:
             self.encodings.put(key, cond)
         return cond
@@ -302,6 +313,7 @@ class Pipeline:
         if s.cfg_scale != 1.0 and not conditioning.has_negative:
             raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: encode(prompt, negative_prompt='')")
         params, keep = self._params(s, ref_images=ref_images)
+        self._ensure(DIFFUSION)
         cond = TensorViews(list(conditioning.parts.items()))
         init = TensorViews([((0, "latent", 0), init_latent.data)]) if init_latent is not None else None
         if noise is not None:
@@ -359,23 +371,44 @@ class Pipeline:
 
         return sweep(self, prompt, **grid)
 
-    # -- text-encoder residency --------------------------------------------------------------
+    # -- residency of the text encoder and the diffusion model --------------------------------
     @property
     def encoder_loaded(self) -> bool:
-        return bool(lib.sdcpp_encoder_loaded(self._require_open()))
+        return bool(lib.sdcpp_component_loaded(self._require_open(), ENCODER))
+
+    @property
+    def diffusion_loaded(self) -> bool:
+        return bool(lib.sdcpp_component_loaded(self._require_open(), DIFFUSION))
 
     def release_encoder(self) -> None:
-        """Free the text encoder's weights (reloaded from its file by the next encode())."""
-        if self.encoder_loaded:
-            self._native(lib.sdcpp_encoder_release, error=ModelLoadError)
+        """Free the text encoder's weights (reloaded from its file when next needed)."""
+        self._release(ENCODER)
+
+    def release_diffusion_model(self) -> None:
+        """Free the diffusion model's weights (reloaded from its file when next needed)."""
+        self._release(DIFFUSION)
+
+    def _release(self, component: int) -> None:
+        if lib.sdcpp_component_loaded(self._require_open(), component):
+            self._native(lib.sdcpp_component_release, component, error=ModelLoadError)
+
+    def _ensure(self, component: int) -> None:
+        if lib.sdcpp_component_loaded(self._require_open(), component):
+            return
+        path = self.paths[_COMPONENT_FILE[component]]
+        if path is None or not path.is_file():
+            raise ModelLoadError(f"cannot reload the {_COMPONENT_NAME[component]}: {path} is gone")
+        self._native(lib.sdcpp_component_reload, component, ffi.new("char[]", str(path).encode()),
+                     error=ModelLoadError)
 
     def _ensure_encoder(self) -> None:
-        if self.encoder_loaded:
-            return
-        path = self.paths["llm"] or self.paths["model"]
-        if path is None or not path.is_file():
-            raise ModelLoadError(f"cannot reload the text encoder: {path} is gone")
-        self._native(lib.sdcpp_encoder_reload, ffi.new("char[]", str(path).encode()), error=ModelLoadError)
+        if self.settings.release_diffusion:
+            self._release(DIFFUSION)
+        self._ensure(ENCODER)
+
+    def _after_encoding(self) -> None:
+        if self.settings.release_encoder:
+            self._release(ENCODER)
 
     # -- checks ------------------------------------------------------------------------------
     def _check_conditioning(self, c: Conditioning) -> None:

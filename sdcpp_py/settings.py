@@ -84,7 +84,8 @@ class ContextSettings:
     diffusion_conv_direct: bool = False
     rng: str = "cuda"                    # the engine's default noise generator
     sampler_rng: Optional[str] = None    # None: same as rng
-    release_encoder: bool = False        # free the text encoder after each encoding, reload on demand
+    release_encoder: bool = False        # text encoder loaded only while encoding (reloaded on demand)
+    release_diffusion: bool = False      # diffusion model released while the text encoder works
 
     def __post_init__(self) -> None:
         _int("n_threads", self.n_threads, 1, 1024)
@@ -93,7 +94,7 @@ class ContextSettings:
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
         for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
                      "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
-                     "release_encoder"):
+                     "release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
 

@@ -145,7 +145,7 @@ def test_release_encoder_reloads_on_demand(tiny, pipelines, family):
     ref = pipelines[family]
     with Pipeline(diffusion_model=tiny.diffusion_model, llm=tiny.llm, vae=tiny.vae, n_threads=2,
                   release_encoder=True) as pipe:
-        assert pipe.encoder_loaded
+        assert not pipe.encoder_loaded and pipe.diffusion_loaded   # never loaded at creation
         a = pipe.encode(PROMPT)
         assert not pipe.encoder_loaded
         b = pipe.encode(PROMPT + ", again")     # reloads the encoder from its file
@@ -154,6 +154,29 @@ def test_release_encoder_reloads_on_demand(tiny, pipelines, family):
         assert np.array_equal(b.context, ref.encode(PROMPT + ", again").context)
         kw = dict(width=64, height=64, steps=2, seed=12)
         assert np.array_equal(_staged(pipe, b, **kw), _staged(ref, ref.encode(PROMPT + ", again"), **kw))
+        assert np.array_equal(pipe.generate(PROMPT, **kw).arrays[0], ref.generate(PROMPT, **kw).arrays[0])
+        assert not pipe.encoder_loaded
+
+
+def test_encoder_and_diffusion_model_never_resident_together(tiny, pipelines, family):
+    ref = pipelines[family]
+    kw = dict(width=64, height=48, steps=2, seed=13)
+    with Pipeline(diffusion_model=tiny.diffusion_model, llm=tiny.llm, vae=tiny.vae, n_threads=2,
+                  release_encoder=True, release_diffusion=True) as pipe:
+        assert not pipe.encoder_loaded and not pipe.diffusion_loaded
+        cond = pipe.encode(PROMPT)
+        assert not pipe.encoder_loaded and not pipe.diffusion_loaded
+        latent = pipe.denoise(cond, **kw)
+        assert pipe.diffusion_loaded and not pipe.encoder_loaded
+        pipe.encode(PROMPT + " twice")
+        assert not pipe.diffusion_loaded
+        assert np.array_equal(pipe.decode(latent, output_type="np"), _staged(ref, ref.encode(PROMPT), **kw))
+        assert np.array_equal(pipe.generate(PROMPT, **kw).arrays[0], ref.generate(PROMPT, **kw).arrays[0])
+
+
+def test_release_needs_split_files(tiny):
+    with pytest.raises(InvalidArgumentError, match="file of its own"):
+        Pipeline(model=tiny.diffusion_model, llm=tiny.llm, vae=tiny.vae, release_diffusion=True)
 
 
 def test_two_models_share_one_encoder(tiny_sets, pipelines):

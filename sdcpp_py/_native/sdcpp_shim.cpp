@@ -8,6 +8,9 @@
 #include "stable-diffusion.cpp"
 
 #include <cstring>
+#include <array>
+#include <functional>
+#include <mutex>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -172,6 +175,10 @@ bool encoder_is_loaded(sd_ctx_t* ctx) {
     return ctx->sd->cond_stage_model && ctx->sd->cond_stage_model->get_params_buffer_size() > 0;
 }
 
+bool diffusion_is_loaded(sd_ctx_t* ctx) {
+    return ctx->sd->diffusion_model && ctx->sd->diffusion_model->get_params_buffer_size() > 0;
+}
+
 }  // namespace
 
 SHIM_API const char* sdcpp_shim_version(void) {
@@ -257,6 +264,9 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
     return guarded("denoise", [&]() -> int {
         if (!ready(ctx, params, out) || condition == nullptr || n_condition <= 0) {
             return fail("denoise: null argument or empty conditioning");
+        }
+        if (!diffusion_is_loaded(ctx)) {
+            return fail("denoise: the diffusion model is released; reload it first");
         }
         StableDiffusionGGML* sd = ctx->sd;
 
@@ -408,55 +418,155 @@ SHIM_API int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params
     });
 }
 
-SHIM_API bool sdcpp_encoder_loaded(sd_ctx_t* ctx) {
-    return ctx != nullptr && ctx->sd != nullptr && encoder_is_loaded(ctx);
+namespace {
+
+const char* const component_prefix[] = {"text_encoders.", "model.diffusion_model."};
+
+// The operations on a component's runner.
+struct Component {
+    std::function<void()> release;
+    std::function<void()> alloc;
+    std::function<size_t()> size;
+};
+
+bool component_of(sd_ctx_t* ctx, int which, Component* out) {
+    StableDiffusionGGML* sd = ctx->sd;
+    if (which == 0 && sd->cond_stage_model) {
+        auto m = sd->cond_stage_model;
+        *out   = {[m] { m->free_params_buffer(); }, [m] { m->alloc_params_buffer(); },
+                  [m] { return m->get_params_buffer_size(); }};
+        return true;
+    }
+    if (which == 1 && sd->diffusion_model) {
+        auto m = sd->diffusion_model;
+        *out   = {[m] { m->free_params_buffer(); }, [m] { m->alloc_params_buffer(); },
+                  [m] { return m->get_params_buffer_size(); }};
+        return true;
+    }
+    return false;
 }
 
-SHIM_API int sdcpp_encoder_release(sd_ctx_t* ctx) {
-    return guarded("encoder_release", [&]() -> int {
-        if (ctx == nullptr || ctx->sd == nullptr || !ctx->sd->cond_stage_model) {
-            return fail("encoder_release: no text encoder");
+// Each context's parameter tensors per component, taken once at creation: upstream's
+// get_param_tensors is not safe after a forward pass (blocks[...] lookups of absent
+// names insert null blocks), and a reload needs the map again.
+using ParamMap = std::map<std::string, ggml_tensor*>;
+std::mutex registry_mutex;
+std::map<const sd_ctx_t*, std::array<ParamMap, 2>> registry;
+
+ParamMap params_of(sd_ctx_t* ctx, int which) {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto it = registry.find(ctx);
+    return it == registry.end() ? ParamMap() : it->second[which];
+}
+
+}  // namespace
+
+SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask) {
+    last_error.clear();
+    try {
+        sd_deferred_load_prefixes.clear();
+        for (int i = 0; i < 2; i++) {
+            if (defer_mask & (1 << i)) {
+                sd_deferred_load_prefixes.push_back(component_prefix[i]);
+            }
         }
-        ctx->sd->cond_stage_model->free_params_buffer();
-        LOG_INFO("text encoder released");
+        sd_ctx_t* ctx = new_sd_ctx(params);
+        sd_deferred_load_prefixes.clear();
+        if (ctx == nullptr) {
+            fail("stable-diffusion.cpp could not create a context (see the log)");
+            return nullptr;
+        }
+        std::array<ParamMap, 2> maps;
+        if (ctx->sd->cond_stage_model) {
+            ctx->sd->cond_stage_model->get_param_tensors(maps[0]);
+        }
+        if (ctx->sd->diffusion_model) {
+            ctx->sd->diffusion_model->get_param_tensors(maps[1]);
+        }
+        {
+            std::lock_guard<std::mutex> lock(registry_mutex);
+            registry[ctx] = std::move(maps);
+        }
+        for (int i = 0; i < 2; i++) {
+            Component c;
+            if ((defer_mask & (1 << i)) && component_of(ctx, i, &c)) {
+                c.release();  // allocated but never filled
+            }
+        }
+        return ctx;
+    } catch (const std::exception& e) {
+        sd_deferred_load_prefixes.clear();
+        fail(std::string("new context: ") + e.what());
+        return nullptr;
+    }
+}
+
+SHIM_API void sdcpp_free_ctx(sd_ctx_t* ctx) {
+    {
+        std::lock_guard<std::mutex> lock(registry_mutex);
+        registry.erase(ctx);
+    }
+    free_sd_ctx(ctx);
+}
+
+SHIM_API bool sdcpp_component_loaded(sd_ctx_t* ctx, int which) {
+    Component c;
+    return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) && c.size() > 0;
+}
+
+SHIM_API int sdcpp_component_release(sd_ctx_t* ctx, int which) {
+    return guarded("component_release", [&]() -> int {
+        Component c;
+        if (ctx == nullptr || ctx->sd == nullptr || !component_of(ctx, which, &c)) {
+            return fail("component_release: no such component");
+        }
+        c.release();
+        LOG_INFO("%s released", which == 0 ? "text encoder" : "diffusion model");
         return 0;
     });
 }
 
-SHIM_API int sdcpp_encoder_reload(sd_ctx_t* ctx, const char* llm_path) {
-    return guarded("encoder_reload", [&]() -> int {
-        if (ctx == nullptr || ctx->sd == nullptr || !ctx->sd->cond_stage_model || llm_path == nullptr) {
-            return fail("encoder_reload: no text encoder");
+SHIM_API int sdcpp_component_reload(sd_ctx_t* ctx, int which, const char* path) {
+    return guarded("component_reload", [&]() -> int {
+        Component c;
+        if (ctx == nullptr || ctx->sd == nullptr || path == nullptr || !component_of(ctx, which, &c)) {
+            return fail("component_reload: no such component");
         }
-        StableDiffusionGGML* sd = ctx->sd;
-        if (encoder_is_loaded(ctx)) {
+        if (c.size() > 0) {
             return 0;
         }
-        int64_t t0 = ggml_time_ms();
+        StableDiffusionGGML* sd = ctx->sd;
+        int64_t t0              = ggml_time_ms();
         ModelLoader loader;
-        if (!loader.init_from_file(llm_path, "text_encoders.llm.")) {
-            return fail(std::string("encoder_reload: cannot read ") + llm_path);
+        if (!loader.init_from_file(path, which == 0 ? "text_encoders.llm." : "model.diffusion_model.")) {
+            return fail(std::string("component_reload: cannot read ") + path);
         }
         loader.convert_tensors_name();
-        std::map<std::string, ggml_tensor*> tensors;
-        sd->cond_stage_model->get_param_tensors(tensors);
-        // The tensors still point into the freed buffer: detach them so they are allocated anew.
+        ParamMap tensors = params_of(ctx, which);
+        if (tensors.empty()) {
+            return fail("component_reload: this context was not created by sdcpp_new_ctx");
+        }
+        // The tensors still point into the freed (or never filled) buffer: detach them so
+        // they are allocated anew.
         for (auto& kv : tensors) {
             kv.second->data   = nullptr;
             kv.second->buffer = nullptr;
         }
-        sd->cond_stage_model->alloc_params_buffer();
-        if (!encoder_is_loaded(ctx)) {
-            return fail("encoder_reload: cannot allocate the text encoder's weights");
+        c.alloc();
+        if (c.size() == 0) {
+            return fail("component_reload: cannot allocate the weights");
         }
         std::set<std::string> ignore = {"text_encoders.llm.visual.", "text_encoders.llm.vision_model.",
                                         "text_encoders.llm.visual_tokenizer.", "text_encoders.llm.vte.",
-                                        "text_encoders.llm.vision_tower.", "text_encoders.llm.multi_modal_projector."};
+                                        "text_encoders.llm.vision_tower.", "text_encoders.llm.multi_modal_projector.",
+                                        "model.diffusion_model.__x0__", "model.diffusion_model.__32x32__",
+                                        "model.diffusion_model.__index_timestep_zero__"};
         if (!loader.load_tensors(tensors, ignore, sd->n_threads, false)) {
-            sd->cond_stage_model->free_params_buffer();
-            return fail("encoder_reload: loading the text encoder's tensors failed (see the log)");
+            c.release();
+            return fail("component_reload: loading the weights failed (see the log)");
         }
-        LOG_INFO("text encoder reloaded in %.2fs", (ggml_time_ms() - t0) * 1.0f / 1000);
+        LOG_INFO("%s reloaded in %.2fs", which == 0 ? "text encoder" : "diffusion model",
+                 (ggml_time_ms() - t0) * 1.0f / 1000);
         return 0;
     });
 }
@@ -475,6 +585,10 @@ SHIM_API int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower) {
             return 0;
         }
         to->llm = from->llm;  // the borrower's own runner (and its weights) is released here
+        std::lock_guard<std::mutex> lock(registry_mutex);
+        if (registry.count(owner) && registry.count(borrower)) {
+            registry[borrower][0] = registry[owner][0];
+        }
         LOG_INFO("text encoder shared between two contexts");
         return 0;
     });

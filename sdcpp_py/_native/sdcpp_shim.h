@@ -61,10 +61,18 @@ int sdcpp_decode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const sdcpp_t
 int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const sd_image_t* image,
                        sdcpp_result_t** out);
 
-/* Text-encoder residency: release its weights, and load them again from llm_path. */
-int sdcpp_encoder_release(sd_ctx_t* ctx);
-int sdcpp_encoder_reload(sd_ctx_t* ctx, const char* llm_path);
-bool sdcpp_encoder_loaded(sd_ctx_t* ctx);
+/* Contexts. sdcpp_new_ctx is new_sd_ctx that can leave components unloaded
+ * (defer_mask: bit 0 the text encoder, bit 1 the diffusion model), to be loaded
+ * on demand; contexts it creates must be freed with sdcpp_free_ctx. */
+sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask);
+void sdcpp_free_ctx(sd_ctx_t* ctx);
+
+/* Component residency: 0 = text encoder, 1 = diffusion model. A released
+ * component's weights are freed; reload reads them again from path (the file
+ * the context was created from). */
+bool sdcpp_component_loaded(sd_ctx_t* ctx, int component);
+int sdcpp_component_release(sd_ctx_t* ctx, int component);
+int sdcpp_component_reload(sd_ctx_t* ctx, int component, const char* path);
 
 /* Make borrower's text encoder the owner's (one set of weights in memory for two
  * contexts of LLM-conditioned models built from the same encoder file). The
