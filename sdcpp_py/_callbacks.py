@@ -42,12 +42,31 @@ def _on_log(level: int, text, _data) -> None:
         pass
 
 
+ggml_logger = logging.getLogger("sdcpp_py.ggml")
+_GGML_LEVELS = {lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG, lib.GGML_LOG_LEVEL_INFO: logging.INFO,
+                lib.GGML_LOG_LEVEL_WARN: logging.WARNING, lib.GGML_LOG_LEVEL_ERROR: logging.ERROR}
+
+
+@ffi.callback("void(enum ggml_log_level, const char*, void*)")
+def _on_ggml_log(level: int, text, _data) -> None:
+    try:
+        py_level = _GGML_LEVELS.get(level, logging.DEBUG)
+        if ggml_logger.isEnabledFor(py_level):
+            line = ffi.string(text).decode("utf-8", "replace").rstrip()
+            if line:
+                ggml_logger.log(py_level, "%s", line)
+    except Exception:
+        pass
+
+
 def _install_log() -> None:
     lib.sd_set_log_callback(_on_log, ffi.NULL)
+    lib.ggml_log_set(_on_ggml_log, ffi.NULL)
 
 
 def _remove_log() -> None:
     lib.sd_set_log_callback(ffi.NULL, ffi.NULL)
+    lib.ggml_log_set(ffi.NULL, ffi.NULL)
 
 
 _install_log()

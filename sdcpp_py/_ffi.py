@@ -21,7 +21,8 @@ LIBRARY_ENV = "SDCPP_PY_LIBRARY"
 LIBRARY_NAME = "libstable-diffusion.so"
 
 ffi = cffi.FFI()
-for _pkg, _name in (("sdcpp_py._decl", "stable_diffusion.h"), ("sdcpp_py._decl", "libc.h"),
+for _pkg, _name in (("sdcpp_py._decl", "stable_diffusion.h"), ("sdcpp_py._decl", "ggml_backend.h"),
+                   ("sdcpp_py._decl", "libc.h"),
                    ("sdcpp_py._native", "sdcpp_shim.h")):
     ffi.cdef(resources.files(_pkg).joinpath(_name).read_text())
 

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from . import backends
 from ._callbacks import ProgressFn, native_call_lock, progress_scope
 from ._ffi import ffi, lib
 from .cache import EncodingCache
@@ -105,9 +106,12 @@ class Pipeline:
             if self.paths[_COMPONENT_FILE[c]] is None:
                 raise InvalidArgumentError(f"releasing the {_COMPONENT_NAME[c]} needs it in a file of its own "
                                            f"({_COMPONENT_FILE[c]}=...)")
+        backends.load()
+        device = backends.resolve_device(self.settings.backend, self.settings.device)
+        self.device = device or backends.default_device()
         start = time.perf_counter()
         with native_call_lock, _capture() as log, progress_scope(None):
-            ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred))
+            ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode())
         self.load_seconds = time.perf_counter() - start
         if ctx == ffi.NULL:
             raise ModelLoadError("stable-diffusion.cpp could not create a context"
@@ -436,7 +440,7 @@ class Pipeline:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Pipeline {self.family} {state} threads={self.settings.n_threads}>"
+        return f"<Pipeline {self.family} {state} device={getattr(self, 'device', None)} threads={self.settings.n_threads}>"
 
 
 def _path(p: Optional[PathLike]) -> Optional[Path]:

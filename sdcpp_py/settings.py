@@ -7,7 +7,7 @@ import math
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError
@@ -84,6 +84,8 @@ class ContextSettings:
     diffusion_conv_direct: bool = False
     rng: str = "cuda"                    # the engine's default noise generator
     sampler_rng: Optional[str] = None    # None: same as rng
+    backend: str = "auto"                # "auto" (the engine's choice: a GPU if any), "cpu" or "vulkan"
+    device: Optional[Union[int, str]] = None  # Vulkan device index, or a device name ("Vulkan1")
     release_encoder: bool = False        # text encoder loaded only while encoding (reloaded on demand)
     release_diffusion: bool = False      # diffusion model released while the text encoder works
 
@@ -91,6 +93,9 @@ class ContextSettings:
         _int("n_threads", self.n_threads, 1, 1024)
         object.__setattr__(self, "wtype", _choice("weight type", self.wtype, WEIGHT_TYPES))
         object.__setattr__(self, "rng", _choice("rng", self.rng, RNG_TYPES))
+        object.__setattr__(self, "backend", _choice("backend", self.backend, ("auto", "cpu", "vulkan")))
+        if self.device is not None and (isinstance(self.device, bool) or not isinstance(self.device, (int, str))):
+            raise TypeError("device must be an int index, a device name or None")
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
         for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
                      "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",

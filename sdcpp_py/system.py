@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional
 
+from . import backends
 from ._ffi import ffi, lib, library_path
 from ._version import __version__
 from .settings import default_threads
@@ -20,8 +21,9 @@ def _features(text: str) -> Dict[str, bool]:
     return out
 
 
-def system_info() -> Dict[str, Union[str, int, Dict[str, bool]]]:
+def system_info() -> Dict[str, Any]:
     """Versions, the library in use, thread defaults and the CPU features compiled in."""
+    variant = backends.load()
     raw = ffi.string(lib.sd_get_system_info()).decode().replace("System Info:", "")
     return {
         "sdcpp_py": __version__,
@@ -31,7 +33,10 @@ def system_info() -> Dict[str, Union[str, int, Dict[str, bool]]]:
         "physical_cores": int(lib.sd_get_num_physical_cores()),
         "default_threads": default_threads(),
         "sd_cli": str(sd_cli_path() or ""),
+        "cpu_variant": variant,
+        "cpu_variants_installed": backends.available_cpu_variants(),
         "cpu_features": _features(raw),
+        "devices": [d.__dict__ for d in backends.devices()],
         "raw": raw.strip(),
     }
 

@@ -461,8 +461,14 @@ ParamMap params_of(sd_ctx_t* ctx, int which) {
 
 }  // namespace
 
-SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask) {
+extern std::string sd_preferred_device;  // util.cpp (vendor/patches/0003)
+
+SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, const char* device) {
     last_error.clear();
+    struct DeviceScope {  // the preferred device holds for this creation only
+        explicit DeviceScope(const char* d) { sd_preferred_device = d == nullptr ? "" : d; }
+        ~DeviceScope() { sd_preferred_device.clear(); }
+    } device_scope(device);
     try {
         sd_deferred_load_prefixes.clear();
         for (int i = 0; i < 2; i++) {

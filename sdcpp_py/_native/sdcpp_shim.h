@@ -63,8 +63,9 @@ int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const s
 
 /* Contexts. sdcpp_new_ctx is new_sd_ctx that can leave components unloaded
  * (defer_mask: bit 0 the text encoder, bit 1 the diffusion model), to be loaded
- * on demand; contexts it creates must be freed with sdcpp_free_ctx. */
-sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask);
+ * on demand, and run on a named ggml device ("CPU", "Vulkan0", ...; NULL or ""
+ * for the engine's choice); contexts it creates must be freed with sdcpp_free_ctx. */
+sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, const char* device);
 void sdcpp_free_ctx(sd_ctx_t* ctx);
 
 /* Component residency: 0 = text encoder, 1 = diffusion model. A released
