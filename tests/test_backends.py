@@ -27,9 +27,9 @@ def _host_features():
 
 
 def _run(code, **env):
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
-                         env={**os.environ, **env})
-    return run
+    # cwd elsewhere: "python -c" puts the cwd first on sys.path, and the source tree has no library
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **env}, cwd=Path(__file__).parent)
 
 
 def test_best_installed_variant_for_this_host():
@@ -117,7 +117,7 @@ print(json.dumps(out))
 def test_vulkan_matches_cpu(tiny_sets):
     m = tiny_sets["flux2-klein"]
     run = subprocess.run([sys.executable, "-c", VULKAN_CODE, str(m.diffusion_model), str(m.llm), str(m.vae)],
-                         capture_output=True, text=True, timeout=1500,
+                         capture_output=True, text=True, timeout=1500, cwd=Path(__file__).parent,
                          env={**os.environ, "GGML_VK_VISIBLE_DEVICES": os.environ.get("GGML_VK_VISIBLE_DEVICES", "0")})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
