@@ -12,7 +12,6 @@ them alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import CACHE, emit, machine_info, ratio, run_child, write_results  # noqa: E402

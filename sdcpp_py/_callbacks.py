@@ -14,7 +14,7 @@ import atexit
 import contextlib
 import logging
 import threading
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 from ._ffi import ffi, lib
 
@@ -146,3 +146,30 @@ def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[None]:
             fn.close()
     if state.error is not None:
         raise state.error
+
+
+class NativeLog(logging.Handler):
+    """Collects the engine's log lines while a native call runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def errors(self) -> str:
+        lines = [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
+        return "\n".join(lines[-5:])
+
+
+class capture:
+    """Context manager collecting native log lines during one call."""
+
+    def __enter__(self) -> NativeLog:
+        self.handler = NativeLog()
+        logging.getLogger("sdcpp_py.native").addHandler(self.handler)
+        return self.handler
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("sdcpp_py.native").removeHandler(self.handler)

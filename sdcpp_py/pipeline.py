@@ -19,22 +19,20 @@ import numpy as np
 from PIL import Image
 
 from . import backends
-from ._callbacks import ProgressFn, native_call_lock, progress_scope
+from ._callbacks import ProgressFn, capture, native_call_lock, progress_scope
 from ._ffi import ffi, lib
+from ._images import ImageLike, as_pil, fill_image, to_pil
 from .cache import EncodingCache
 from .errors import ClosedError, GenerationError, IncompatibleModelError, InvalidArgumentError, ModelLoadError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .presets import Preset, get_preset, preset_for_family
 from .settings import ContextSettings, GenerationSettings, resolve_seed
-from .staged import NEGATIVE, Conditioning, Latent, TensorViews, check, read_result
+from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, Residency
+from .staged import Conditioning, Latent, TensorViews, check, read_result
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = Union[str, Path]
-ImageLike = Union[Image.Image, np.ndarray]
 LATENT_SCALE = {Z_IMAGE: 8, FLUX2_KLEIN: 16, FLUX2_DEV: 16}
-ENCODER, DIFFUSION = 0, 1                     # the shim's component ids
-_COMPONENT_FILE = {ENCODER: "llm", DIFFUSION: "diffusion_model"}
-_COMPONENT_NAME = {ENCODER: "text encoder", DIFFUSION: "diffusion model"}
 
 
 @dataclass
@@ -56,7 +54,7 @@ class GenerationResult:
         return [np.asarray(im) for im in self.images]
 
 
-class Pipeline:
+class Pipeline(Residency):
     """Models loaded once into one engine context, generating as often as asked.
 
     Give the components of a split model (``diffusion_model``, ``llm``, ``vae``)
@@ -103,14 +101,14 @@ class Pipeline:
         deferred = [c for c, flag in ((ENCODER, self.settings.release_encoder),
                                       (DIFFUSION, self.settings.release_diffusion)) if flag]
         for c in deferred:
-            if self.paths[_COMPONENT_FILE[c]] is None:
-                raise InvalidArgumentError(f"releasing the {_COMPONENT_NAME[c]} needs it in a file of its own "
-                                           f"({_COMPONENT_FILE[c]}=...)")
+            if self.paths[COMPONENT_FILE[c]] is None:
+                raise InvalidArgumentError(f"releasing the {COMPONENT_NAME[c]} needs it in a file of its own "
+                                           f"({COMPONENT_FILE[c]}=...)")
         backends.load()
         device = backends.resolve_device(self.settings.backend, self.settings.device)
         self.device = device or backends.default_device()
         start = time.perf_counter()
-        with native_call_lock, _capture() as log, progress_scope(None):
+        with native_call_lock, capture() as log, progress_scope(None):
             ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode())
         self.load_seconds = time.perf_counter() - start
         if ctx == ffi.NULL:
@@ -120,43 +118,13 @@ class Pipeline:
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
-    def _load_sharing_encoder(self, other: "Pipeline") -> None:
-        """Load, then give this context's text encoder to ``other``'s group (one copy in memory).
-
-        The group's encoder is released before this context loads its own, so two
-        copies never coexist."""
-        if not isinstance(other, Pipeline):
-            raise TypeError(f"share_encoder_with must be a Pipeline, not {type(other).__name__}")
-        other._require_open()
-        if other.encoder_id != self.encoder_id or other.settings.wtype != self.settings.wtype:
-            raise IncompatibleModelError("only pipelines loading the same text encoder file (and weight type) "
-                                         "can share it")
-        if self.components.llm_hidden is None or other.components.llm_hidden is None:
-            raise IncompatibleModelError("encoder sharing needs LLM-conditioned models (Z-Image, FLUX.2)")
-        other.release_encoder()
-        self._load()
-        group = [p for p in other._encoder_group if not p.closed]
-        for peer in group:
-            self._native(lib.sdcpp_share_encoder, peer._require_open(), error=ModelLoadError)
-        group.append(self)
-        for member in group:
-            member._encoder_group = group
-
-    @property
-    def shares_encoder(self) -> bool:
-        return sum(not p.closed for p in self._encoder_group) > 1
-
     def close(self) -> None:
         """Free the models. Safe to call more than once."""
         ctx, self._ctx = self._ctx, None
         if ctx is None:
             return
         with native_call_lock:
-            survivors = [p for p in self._encoder_group if p is not self and not p.closed]
-            if survivors:  # a shared encoder must not keep running on this context's backend
-                check(lib.sdcpp_rebind_encoder(survivors[0]._ctx))
-                self._encoder_group.remove(self)
-                self._encoder_group = [self]
+            self._leave_encoder_group()  # a shared encoder must not keep running on this context's backend
             ffi.release(ctx)
 
     @property
@@ -238,7 +206,7 @@ class Pipeline:
         self._ensure(ENCODER)
         self._ensure(DIFFUSION)
         start = time.perf_counter()
-        with native_call_lock, _capture() as log, progress_scope(progress):
+        with native_call_lock, capture() as log, progress_scope(progress):
             images = lib.generate_image(ctx, params)
         seconds = time.perf_counter() - start
         del keep
@@ -246,7 +214,7 @@ class Pipeline:
         if images == ffi.NULL:
             raise GenerationError("generation failed" + (f":\n{log.errors()}" if log.errors() else ""))
         try:
-            out = [_to_pil(images[i]) for i in range(s.batch_count)]
+            out = [to_pil(images[i]) for i in range(s.batch_count)]
         finally:
             for i in range(s.batch_count):
                 if images[i].data != ffi.NULL:
@@ -260,13 +228,13 @@ class Pipeline:
         lib.sd_img_gen_params_init(params)
         keep: List[Any] = s.fill(params)
         if init_image is not None:
-            keep.append(_fill_image(params.init_image, init_image))
+            keep.append(fill_image(params.init_image, init_image))
         if ref_images:
             if isinstance(ref_images, (Image.Image, np.ndarray)):
                 raise TypeError("ref_images must be a sequence of images")
             refs = ffi.new("sd_image_t[]", len(ref_images))
             keep.append(refs)
-            keep.extend(_fill_image(refs[i], im) for i, im in enumerate(ref_images))
+            keep.extend(fill_image(refs[i], im) for i, im in enumerate(ref_images))
             params.ref_images, params.ref_images_count = refs, len(ref_images)
         return params, keep
 
@@ -346,7 +314,7 @@ class Pipeline:
         image = ffi.new("sd_image_t*")
         self._native(lib.sdcpp_decode, params, view.first, image)
         try:
-            pil = _to_pil(image[0])
+            pil = to_pil(image[0])
         finally:
             lib.free(image.data)
         return pil if output_type == "pil" else np.asarray(pil)
@@ -354,12 +322,12 @@ class Pipeline:
     def encode_image(self, image: ImageLike, *, seed: int = 0, width: Optional[int] = None,
                      height: Optional[int] = None) -> Latent:
         """Image to latent (the VAE encoder), seeded as generate() seeds an init image's encoding."""
-        pil = _as_pil(image)
+        pil = as_pil(image)
         s = GenerationSettings(prompt="", width=width or pil.width, height=height or pil.height,
                                seed=resolve_seed(seed))
         params, keep = self._params(s)
         sd_image = ffi.new("sd_image_t*")
-        keep.append(_fill_image(sd_image[0], pil))
+        keep.append(fill_image(sd_image[0], pil))
         out = ffi.new("sdcpp_result_t**")
         self._native(lib.sdcpp_encode_image, params, sd_image, out)
         del keep
@@ -374,45 +342,6 @@ class Pipeline:
         from .sweep import sweep
 
         return sweep(self, prompt, **grid)
-
-    # -- residency of the text encoder and the diffusion model --------------------------------
-    @property
-    def encoder_loaded(self) -> bool:
-        return bool(lib.sdcpp_component_loaded(self._require_open(), ENCODER))
-
-    @property
-    def diffusion_loaded(self) -> bool:
-        return bool(lib.sdcpp_component_loaded(self._require_open(), DIFFUSION))
-
-    def release_encoder(self) -> None:
-        """Free the text encoder's weights (reloaded from its file when next needed)."""
-        self._release(ENCODER)
-
-    def release_diffusion_model(self) -> None:
-        """Free the diffusion model's weights (reloaded from its file when next needed)."""
-        self._release(DIFFUSION)
-
-    def _release(self, component: int) -> None:
-        if lib.sdcpp_component_loaded(self._require_open(), component):
-            self._native(lib.sdcpp_component_release, component, error=ModelLoadError)
-
-    def _ensure(self, component: int) -> None:
-        if lib.sdcpp_component_loaded(self._require_open(), component):
-            return
-        path = self.paths[_COMPONENT_FILE[component]]
-        if path is None or not path.is_file():
-            raise ModelLoadError(f"cannot reload the {_COMPONENT_NAME[component]}: {path} is gone")
-        self._native(lib.sdcpp_component_reload, component, ffi.new("char[]", str(path).encode()),
-                     error=ModelLoadError)
-
-    def _ensure_encoder(self) -> None:
-        if self.settings.release_diffusion:
-            self._release(DIFFUSION)
-        self._ensure(ENCODER)
-
-    def _after_encoding(self) -> None:
-        if self.settings.release_encoder:
-            self._release(ENCODER)
 
     # -- checks ------------------------------------------------------------------------------
     def _check_conditioning(self, c: Conditioning) -> None:
@@ -456,59 +385,3 @@ def _file_identity(p: Optional[Path]) -> str:
         return "none"
     st = p.stat()
     return f"{p.name}:{hashlib.sha1(f'{p}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]}"
-
-
-def _as_pil(image: ImageLike) -> Image.Image:
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise InvalidArgumentError("image arrays must be uint8 of shape (H, W, 3 or 4)")
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image or a numpy array, not {type(image).__name__}")
-    if not (16 <= image.width <= 4096 and 16 <= image.height <= 4096):
-        raise InvalidArgumentError(f"image of {image.width}x{image.height} is out of range")
-    return image.convert("RGB")
-
-
-def _fill_image(struct, image: ImageLike):
-    """Point an ``sd_image_t`` at an RGB copy of ``image``; returns what must stay alive."""
-    rgb = np.ascontiguousarray(np.asarray(_as_pil(image)), dtype=np.uint8)
-    buf = ffi.from_buffer(rgb)
-    struct.width, struct.height, struct.channel = rgb.shape[1], rgb.shape[0], 3
-    struct.data = ffi.cast("uint8_t*", buf)
-    return (rgb, buf)
-
-
-def _to_pil(img) -> Image.Image:
-    w, h, c = img.width, img.height, img.channel
-    if img.data == ffi.NULL or c not in (1, 3, 4):
-        raise GenerationError(f"engine returned an empty image ({w}x{h}x{c})")
-    arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
-    return Image.fromarray(arr[:, :, 0] if c == 1 else arr)
-
-
-class _NativeLog(logging.Handler):
-    """Collects the engine's log lines while a native call runs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def errors(self) -> str:
-        lines = [r.getMessage() for r in self.records if r.levelno >= logging.ERROR]
-        return "\n".join(lines[-5:])
-
-
-class _capture:
-    """Context manager collecting native log lines during one call."""
-
-    def __enter__(self) -> _NativeLog:
-        self.handler = _NativeLog()
-        logging.getLogger("sdcpp_py.native").addHandler(self.handler)
-        return self.handler
-
-    def __exit__(self, *exc: object) -> None:
-        logging.getLogger("sdcpp_py.native").removeHandler(self.handler)

@@ -4,7 +4,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import sdcpp_py
