@@ -93,12 +93,17 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def write_results(name: str, data: Dict[str, Any], markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = RESULTS / f"{name}-{stamp}.json"
+def run_spec(spec: Dict[str, Any], work: Path, name: str, env: Optional[Dict[str, str]] = None) -> Run:
+    """Run benchmarks/child.py on a spec in its own process."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(spec, default=str))
+    return run_child([sys.executable, str(HERE / "child.py"), str(path)], env=env, log=work / f"{name}.log")
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
-    (RESULTS / f"{name}-{stamp}.md").write_text(markdown)
     return path
 
 

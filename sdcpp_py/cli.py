@@ -32,7 +32,11 @@ def _add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-s", "--seed", type=int, help="default: a random 63-bit seed (printed)")
     ap.add_argument("-b", "--batch-count", type=int, default=1)
     ap.add_argument("-t", "--threads", type=int)
-    ap.add_argument("--type", dest="wtype", help="convert weights at load, e.g. f16")
+    ap.add_argument("--type", dest="wtype", help="convert all weights at load, e.g. f16")
+    ap.add_argument("--upcast", default="auto", choices=["auto", "none", "diffusion", "all"],
+                    help="quantized weights to F16 at load (default auto: where memory allows, on the CPU)")
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="flash attention (CPU: faster at small sizes, slower from ~512x512)")
     ap.add_argument("-o", "--output", type=Path, default=Path("output.png"))
 
 
@@ -40,7 +44,7 @@ def _run(pipe_kwargs: dict, args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .settings import ContextSettings
 
-    settings = {"wtype": args.wtype}
+    settings = {"wtype": args.wtype, "upcast": args.upcast, "flash_attn": args.flash_attn}
     if args.threads:
         settings["n_threads"] = args.threads
     start = time.perf_counter()
@@ -49,7 +53,7 @@ def _run(pipe_kwargs: dict, args: argparse.Namespace) -> int:
                                height=args.height, steps=args.steps, cfg_scale=args.cfg_scale,
                                sampler=args.sampler, scheduler=args.scheduler, seed=args.seed,
                                batch_count=args.batch_count)
-        load_s = pipe.load_seconds
+        load_s, upcast = pipe.load_seconds, pipe.upcast
     outputs = []
     for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
         out = args.output if len(result.images) == 1 else args.output.with_stem(f"{args.output.stem}-{i}")
@@ -57,7 +61,8 @@ def _run(pipe_kwargs: dict, args: argparse.Namespace) -> int:
         image.save(out)
         outputs.append(str(out))
     print(json.dumps({"outputs": outputs, "seeds": result.seeds, "settings": result.settings.to_dict(),
-                      "load_s": round(load_s, 3), "generate_s": round(result.timings["generate_s"], 3),
+                      "upcast": list(upcast.components), "load_s": round(load_s, 3),
+                      "generate_s": round(result.timings["generate_s"], 3),
                       "total_s": round(time.perf_counter() - start, 3)}, indent=2))
     return 0
 

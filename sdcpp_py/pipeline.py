@@ -27,6 +27,7 @@ from .errors import ClosedError, GenerationError, IncompatibleModelError, Invali
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .presets import Preset, get_preset, preset_for_family
 from .settings import ContextSettings, GenerationSettings, resolve_seed
+from .weights import plan_upcast
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, Residency
 from .staged import Conditioning, Latent, TensorViews, check, read_result
 
@@ -107,6 +108,14 @@ class Pipeline(Residency):
         backends.load()
         device = backends.resolve_device(self.settings.backend, self.settings.device)
         self.device = device or backends.default_device()
+        self.upcast = plan_upcast(self.settings.upcast, self.paths, on_cpu=self.device == "CPU",
+                                  wtype=self.settings.wtype)
+        rules = ",".join(r for r in (self.settings.tensor_type_rules, self.upcast.rules) if r)
+        if rules:
+            keep.append(ffi.new("char[]", rules.encode()))
+            params.tensor_type_rules = keep[-1]
+        logger.info("weights: %s%s", self.upcast.reason,
+                    f" (F16: {', '.join(self.upcast.components)})" if self.upcast.components else "")
         start = time.perf_counter()
         with native_call_lock, capture() as log, progress_scope(None):
             ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode())

@@ -3,7 +3,7 @@ and the diffusion model, and one text encoder shared by several pipelines."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, Dict, List
 
 from ._ffi import ffi, lib
 from .errors import IncompatibleModelError, ModelLoadError
@@ -29,6 +29,13 @@ class Residency:
     @property
     def diffusion_loaded(self) -> bool:
         return bool(lib.sdcpp_component_loaded(self._require_open(), DIFFUSION))
+
+    @property
+    def weight_bytes(self) -> Dict[str, int]:
+        """Bytes of weights resident now, per component (0 while released)."""
+        ctx = self._require_open()
+        return {"encoder": int(lib.sdcpp_component_bytes(ctx, ENCODER)),
+                "diffusion": int(lib.sdcpp_component_bytes(ctx, DIFFUSION))}
 
     def release_encoder(self) -> None:
         """Free the text encoder's weights (reloaded from its file when next needed)."""

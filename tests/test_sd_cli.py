@@ -35,6 +35,7 @@ def test_same_image_as_sd_cli(sd_cli, pipe, tiny, tmp_path, sampler, steps, size
            "--vae", str(tiny.vae), "-p", prompt, "-W", str(width), "-H", str(height),
            "--steps", str(steps), "--cfg-scale", "1", "--sampling-method", sampler,
            "-s", str(seed), "-t", str(pipe.settings.n_threads), "-o", str(out)]
+    cmd += ["--fa"] if pipe.settings.flash_attn else []   # the same settings on both sides
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     theirs = np.asarray(Image.open(out).convert("RGB"))

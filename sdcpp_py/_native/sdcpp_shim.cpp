@@ -520,6 +520,11 @@ SHIM_API bool sdcpp_component_loaded(sd_ctx_t* ctx, int which) {
     return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) && c.size() > 0;
 }
 
+SHIM_API size_t sdcpp_component_bytes(sd_ctx_t* ctx, int which) {
+    Component c;
+    return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) ? c.size() : 0;
+}
+
 SHIM_API int sdcpp_component_release(sd_ctx_t* ctx, int which) {
     return guarded("component_release", [&]() -> int {
         Component c;

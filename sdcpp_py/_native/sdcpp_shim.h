@@ -72,6 +72,7 @@ void sdcpp_free_ctx(sd_ctx_t* ctx);
  * component's weights are freed; reload reads them again from path (the file
  * the context was created from). */
 bool sdcpp_component_loaded(sd_ctx_t* ctx, int component);
+size_t sdcpp_component_bytes(sd_ctx_t* ctx, int component);  /* resident weight bytes */
 int sdcpp_component_release(sd_ctx_t* ctx, int component);
 int sdcpp_component_reload(sd_ctx_t* ctx, int component, const char* path);
 

@@ -1,0 +1,60 @@
+"""The measured process: load one Pipeline, encode one prompt once, then denoise and
+decode a list of items with it. Reads a JSON spec, prints one BENCH_JSON line.
+
+    python benchmarks/child.py spec.json
+
+spec: {"files": {"diffusion_model": ..., "llm": ..., "vae": ...},
+       "context": {ContextSettings keywords}, "prompt": str, "negative_prompt": str|null,
+       "items": [{"width", "height", "steps", "seed", "cfg_scale"}], "out": dir|null, "tag": str}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import emit  # noqa: E402
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    # the engine's own stage timings go to stdout, where the harness reads them
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
+    logging.getLogger("sdcpp_py.native").setLevel(logging.INFO)
+    import sdcpp_py
+    from sdcpp_py import Pipeline
+
+    t0 = time.perf_counter()
+    pipe = Pipeline(**spec["files"], **spec.get("context", {}))
+    load_s = time.perf_counter() - t0
+    cond = pipe.encode(spec["prompt"], spec.get("negative_prompt"))
+    out = Path(spec["out"]) if spec.get("out") else None
+    items = []
+    for n, item in enumerate(spec["items"]):
+        latent = pipe.denoise(cond, **item)
+        t1 = time.perf_counter()
+        image = pipe.decode(latent)
+        decode_s = time.perf_counter() - t1
+        row = {**item, "seed": latent.seed, "denoise_s": latent.info["denoise_s"], "decode_s": decode_s,
+               "step_s": latent.info["denoise_s"] / item.get("steps", 1)}
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / f"{spec.get('tag', 'img')}-{n:02d}.png"
+            image.save(path)
+            row["image"] = str(path)
+        items.append(row)
+    info = sdcpp_py.system_info()
+    emit({"load_s": load_s, "encode_s": cond.seconds, "text_tokens": int(cond.context.shape[0]),
+          "items": items, "wall_s": time.perf_counter() - t0, "device": pipe.device,
+          "cpu_variant": info["cpu_variant"], "threads": pipe.settings.n_threads,
+          "upcast": list(pipe.upcast.components), "upcast_reason": pipe.upcast.reason,
+          "weight_bytes": pipe.weight_bytes, "family": pipe.family})
+    pipe.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
