@@ -35,17 +35,18 @@ def main(spec_path: str) -> None:
     out = Path(spec["out"]) if spec.get("out") else None
     items = []
     for n, item in enumerate(spec["items"]):
-        latent = pipe.denoise(cond, **item)
+        per_step = []   # the engine's own time of each sampling step
+        latent = pipe.denoise(cond, progress=lambda i, n, sec: i > 0 and per_step.append(round(sec, 4)), **item)
         t1 = time.perf_counter()
         image = pipe.decode(latent)
         decode_s = time.perf_counter() - t1
         row = {**item, "seed": latent.seed, "denoise_s": latent.info["denoise_s"], "decode_s": decode_s,
-               "step_s": latent.info["denoise_s"] / item.get("steps", 1)}
+               "step_s": latent.info["denoise_s"] / item.get("steps", 1), "steps_s": per_step}
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"{spec.get('tag', 'img')}-{n:02d}.png"
             image.save(path)
-            row["image"] = str(path)
+            row["image"], row["png_bytes"] = str(path), path.stat().st_size
         items.append(row)
     info = sdcpp_py.system_info()
     emit({"load_s": load_s, "encode_s": cond.seconds, "text_tokens": int(cond.context.shape[0]),

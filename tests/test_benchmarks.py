@@ -34,6 +34,8 @@ def test_run_quick(tmp_path):
         assert names[:3] == ["sdcpp-py, defaults (1 process)", "sdcpp-py, sd-cli's settings (1 process)",
                              "sd-cli, package flags (N processes)"]
         assert res["rows"][2]["processes"] == 2 and res["rows"][0]["images"] == 2
+        for item in res["rows"][0]["reports"][0]["items"]:   # every sampling step timed
+            assert len(item["steps_s"]) == item["steps"] and all(t > 0 for t in item["steps_s"])
         assert res["ratios"]["a_sd_cli_package_flags_vs_ours_same_settings"] > 0
         assert res["ratios"]["b_overhead_in_process"] > 0
         # tools this cache lacks are named, not silently dropped
