@@ -5,7 +5,8 @@ callback. The log callback is installed once and forwards every line to
 ``logging.getLogger("sdcpp_py")`` (removed at exit). The progress callback is
 installed only for the duration of one call (``progress_scope``) and reset in
 ``finally``; an exception raised by the user's callback is kept and re-raised
-once the native call has returned.
+once the native call has returned and its results are freed. ``native_calls``
+serialises engine calls and refuses re-entry from a callback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import threading
 from typing import Callable, Iterator, List, Optional, Union
 
 from ._ffi import ffi, lib
+from .errors import ReentrantCallError
 
 logger = logging.getLogger("sdcpp_py")
 logger.addHandler(logging.NullHandler())
@@ -78,6 +80,12 @@ class _ProgressState:
         self.fn = fn
         self.error: Optional[BaseException] = None
 
+    def raise_error(self) -> None:
+        """Re-raise what the user's callback raised during the call, if anything."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
 
 @ffi.callback("void(int, int, float, void*)")
 def _on_progress(step: int, steps: int, seconds: float, data) -> None:
@@ -94,8 +102,37 @@ def _ignore_progress(step: int, steps: int, seconds: float) -> None:
     pass
 
 
-# One native call at a time may own the process-wide progress callback.
-native_call_lock = threading.RLock()
+class NativeCalls:
+    """One engine call at a time in the process (the progress callback is process-wide).
+
+    Other threads wait their turn; a call from inside a call on the same thread (a
+    progress callback calling back into a pipeline, closing it or releasing its
+    weights while the engine still uses them) raises ReentrantCallError instead.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def active(self) -> bool:
+        """Whether this thread is inside an engine call."""
+        return getattr(self._local, "active", False)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.active:
+            raise ReentrantCallError("the engine is busy with a call on this thread: a progress callback "
+                                     "must not call into (or close) a pipeline")
+        with self._lock:
+            self._local.active = True
+            try:
+                yield
+            finally:
+                self._local.active = False
+
+
+native_calls = NativeCalls()
 
 
 class TqdmProgress:
@@ -121,13 +158,14 @@ class TqdmProgress:
 
 
 @contextlib.contextmanager
-def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[None]:
+def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[_ProgressState]:
     """Route the engine's progress to ``fn`` for the duration of the block.
 
     Without ``fn`` a silent callback is installed anyway (the engine would
     otherwise print progress bars on stdout). The caller must hold
-    ``native_call_lock``. Raises the callback's exception, if it raised one,
-    when the block ends.
+    ``native_calls``. An exception the callback raised is kept in the yielded
+    state's ``error``: the caller frees what the native call returned, then
+    raises it (``state.raise_error()``).
     """
     if fn is True:
         fn = TqdmProgress()
@@ -139,13 +177,11 @@ def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[None]:
     handle = ffi.new_handle(state)
     lib.sd_set_progress_callback(_on_progress, handle)
     try:
-        yield
+        yield state
     finally:
         lib.sd_set_progress_callback(ffi.NULL, ffi.NULL)
         if isinstance(fn, TqdmProgress):
             fn.close()
-    if state.error is not None:
-        raise state.error
 
 
 class NativeLog(logging.Handler):

@@ -37,3 +37,7 @@ class GenerationError(SdcppError):
 
 class ClosedError(SdcppError, RuntimeError):
     """The object was used after close()."""
+
+
+class ReentrantCallError(SdcppError, RuntimeError):
+    """An engine call was made from inside another one (e.g. from a progress callback)."""

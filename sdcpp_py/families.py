@@ -25,6 +25,10 @@ VAE_CHANNELS = {Z_IMAGE: 16, FLUX2_KLEIN: 32, FLUX2_DEV: 32}
 # Hidden layers whose outputs the conditioners read (concatenated); with none of
 # them present the final-norm output is used (stable-diffusion.cpp, conditioner.hpp).
 _LLM_OUT_LAYERS = {Z_IMAGE: (35,), FLUX2_KLEIN: (9, 18, 27)}
+# The prompt templates use Qwen's special tokens (ids up to 151668): a smaller
+# vocabulary makes the embedding lookup fail an assert.
+MIN_QWEN_VOCAB = 151669
+FLUX2_HEAD_DIM = 128      # fixed in the engine; the DiT width must be a multiple
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Components:
     llm_hidden: Optional[int] = None
     llm_layers: Optional[int] = None
     vae_channels: Optional[int] = None
+    llm_vocab: Optional[int] = None
 
     @property
     def llm_output_dim(self) -> Optional[int]:
@@ -68,12 +73,13 @@ def _dit_sizes(f: ModelFile, family: str) -> tuple[Optional[int], Optional[int]]
     return t.shape[0], t.shape[1]
 
 
-def _llm_sizes(f: ModelFile) -> tuple[Optional[int], Optional[int]]:
+def _llm_sizes(f: ModelFile) -> tuple[Optional[int], Optional[int], Optional[int]]:
+    """(hidden, layers, vocabulary) of a text encoder; the embedding is (vocab, hidden)."""
     emb = f.find("token_embd.weight") or f.find("embed_tokens.weight")
     if emb is None or len(emb.shape) != 2:
-        return None, None
+        return None, None, None
     layers = max(f.count_blocks("blk."), f.count_blocks("layers."))
-    return emb.shape[1], layers
+    return emb.shape[1], layers, emb.shape[0]
 
 
 def _vae_channels(f: ModelFile) -> Optional[int]:
@@ -100,10 +106,13 @@ def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[
         return Components(UNKNOWN)
     hidden, context_dim = _dit_sizes(dit, family)
     enc = files.get("llm") or files.get("model")
-    llm_hidden, llm_layers = _llm_sizes(enc) if enc is not None else (None, None)
+    llm_hidden, llm_layers, llm_vocab = _llm_sizes(enc) if enc is not None else (None, None, None)
     vae_file = files.get("vae") or files.get("model")
     vae_ch = _vae_channels(vae_file) if vae_file is not None else None
-    found = Components(family, hidden, context_dim, llm_hidden, llm_layers, vae_ch)
+    found = Components(family, hidden, context_dim, llm_hidden, llm_layers, vae_ch, llm_vocab)
+    if family in (FLUX2_KLEIN, FLUX2_DEV) and hidden % FLUX2_HEAD_DIM:
+        raise IncompatibleModelError(f"{dit.path}: FLUX.2 DiT width {hidden} is not a multiple of the "
+                                     f"engine's head size {FLUX2_HEAD_DIM}")
 
     if family == FLUX2_DEV:
         return found  # Mistral text encoder: not checked here
@@ -115,6 +124,9 @@ def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[
         raise IncompatibleModelError(
             f"{family} needs a VAE (vae=...): "
             + ("none given" if vae_file is None else f"{vae_file.path} has no decoder.conv_in"))
+    if llm_vocab is not None and llm_vocab < MIN_QWEN_VOCAB:
+        raise IncompatibleModelError(f"text encoder {enc.path} has a vocabulary of {llm_vocab} tokens; "
+                                     f"Qwen3's prompt template needs at least {MIN_QWEN_VOCAB}")
     want = VAE_CHANNELS[family]
     if vae_ch != want:
         raise IncompatibleModelError(

@@ -11,24 +11,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from . import backends
-from ._callbacks import ProgressFn, capture, native_call_lock, progress_scope
+from ._callbacks import ProgressFn, capture, native_calls, progress_scope
 from ._ffi import ffi, lib
 from ._images import ImageLike, as_pil, fill_image, to_pil
 from .cache import EncodingCache
+from .checks import check_conditioning, check_latent, check_ref_images, check_schedule
 from .errors import ClosedError, GenerationError, IncompatibleModelError, InvalidArgumentError, ModelLoadError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .presets import Preset, get_preset, preset_for_family
 from .settings import ContextSettings, GenerationSettings, resolve_seed
 from .weights import plan_upcast
-from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, Residency
+from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, Residency, file_stamp
 from .staged import Conditioning, Latent, TensorViews, check, read_result
 
 logger = logging.getLogger("sdcpp_py")
@@ -83,14 +85,15 @@ class Pipeline(Residency):
         self.encodings = EncodingCache(cache_size)
         self.load_count = 0
         self.load_seconds = 0.0
-        self._encoder_group: List["Pipeline"] = [self]
+        self._encoder_group = weakref.WeakSet([self])      # pipelines sharing this one's text encoder
+        self._stamps = {ENCODER: file_stamp(self.paths["llm"]), DIFFUSION: file_stamp(self.paths["diffusion_model"])}
         if share_encoder_with is None:
             self._load()
         else:
             self._load_sharing_encoder(share_encoder_with)
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, *, defer_encoder: bool = False) -> None:
         params = ffi.new("sd_ctx_params_t*")
         lib.sd_ctx_params_init(params)
         keep = []
@@ -99,15 +102,13 @@ class Pipeline(Residency):
                 keep.append(ffi.new("char[]", str(path).encode()))
                 setattr(params, "model_path" if name == "model" else f"{name}_path", keep[-1])
         self.settings.fill(params)
-        deferred = [c for c, flag in ((ENCODER, self.settings.release_encoder),
+        deferred = [c for c, flag in ((ENCODER, self.settings.release_encoder or defer_encoder),
                                       (DIFFUSION, self.settings.release_diffusion)) if flag]
         for c in deferred:
-            if self.paths[COMPONENT_FILE[c]] is None:
+            if self.paths[COMPONENT_FILE[c]] is None and not (c == ENCODER and defer_encoder):
                 raise InvalidArgumentError(f"releasing the {COMPONENT_NAME[c]} needs it in a file of its own "
                                            f"({COMPONENT_FILE[c]}=...)")
-        backends.load()
-        device = backends.resolve_device(self.settings.backend, self.settings.device)
-        self.device = device or backends.default_device()
+        device = self._resolve_device()
         self.upcast = plan_upcast(self.settings.upcast, self.paths, on_cpu=self.device == "CPU",
                                   wtype=self.settings.wtype)
         rules = ",".join(r for r in (self.settings.tensor_type_rules, self.upcast.rules) if r)
@@ -117,7 +118,7 @@ class Pipeline(Residency):
         logger.info("weights: %s%s", self.upcast.reason,
                     f" (F16: {', '.join(self.upcast.components)})" if self.upcast.components else "")
         start = time.perf_counter()
-        with native_call_lock, capture() as log, progress_scope(None):
+        with native_calls.hold(), capture() as log, progress_scope(None):
             ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode())
         self.load_seconds = time.perf_counter() - start
         if ctx == ffi.NULL:
@@ -127,12 +128,19 @@ class Pipeline(Residency):
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
+    def _resolve_device(self) -> Optional[str]:
+        """The ggml device this context runs on (None: the engine's choice); sets ``self.device``."""
+        backends.load()
+        device = backends.resolve_device(self.settings.backend, self.settings.device)
+        self.device = device or backends.default_device()
+        return device
+
     def close(self) -> None:
-        """Free the models. Safe to call more than once."""
-        ctx, self._ctx = self._ctx, None
-        if ctx is None:
-            return
-        with native_call_lock:
+        """Free the models. Safe to call more than once (not from a progress callback)."""
+        with native_calls.hold():
+            ctx, self._ctx = self._ctx, None
+            if ctx is None:
+                return
             self._leave_encoder_group()  # a shared encoder must not keep running on this context's backend
             ffi.release(ctx)
 
@@ -151,13 +159,26 @@ class Pipeline(Residency):
             raise ClosedError("this Pipeline is closed")
         return self._ctx
 
-    def _native(self, fn, *args, progress: Optional[ProgressFn] = None, error=GenerationError) -> float:
-        """Run one shim call under the lock with progress routed; returns its seconds."""
+    def _native(self, fn, *args, progress: Optional[ProgressFn] = None, error=GenerationError,
+                cleanup: Optional[Callable[[], None]] = None) -> float:
+        """Run one shim call on this context, one engine call at a time, progress routed.
+
+        Returns its seconds. When the progress callback raised, ``cleanup`` frees what
+        the call returned before the callback's exception is raised."""
         start = time.perf_counter()
-        with native_call_lock, progress_scope(progress):
+        with native_calls.hold(), progress_scope(progress) as state:
             rc = fn(self._require_open(), *args)
+        if state.error is not None:
+            if rc == 0 and cleanup is not None:
+                cleanup()
+            state.raise_error()
         check(rc, error)
         return time.perf_counter() - start
+
+    def _query(self, fn, *args):
+        """A quick engine read on this context (no progress, no timing)."""
+        with native_calls.hold():
+            return fn(self._require_open(), *args)
 
     # -- settings ----------------------------------------------------------------------------
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
@@ -167,19 +188,20 @@ class Pipeline(Residency):
         merged = {**defaults, **given}
         merged["seed"] = resolve_seed(overrides.get("seed"))
         s = GenerationSettings(prompt=prompt, **merged)
-        return self._with_engine_defaults(s) if s.sampler is None or s.scheduler is None else s
+        s = self._with_engine_defaults(s) if s.sampler is None or s.scheduler is None else s
+        check_schedule(s, self.family)
+        return s
 
     def _with_engine_defaults(self, s: GenerationSettings) -> GenerationSettings:
-        ctx = self._require_open()
         sampler = s.sampler
         if sampler is None:
-            method = lib.sd_get_default_sample_method(ctx)
+            method = self._query(lib.sd_get_default_sample_method)
             sampler = ffi.string(lib.sd_sample_method_name(method)).decode()
         else:
             method = lib.str_to_sample_method(sampler.encode())
         scheduler = s.scheduler
         if scheduler is None:
-            scheduler = ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode()
+            scheduler = ffi.string(lib.sd_scheduler_name(self._query(lib.sd_get_default_scheduler, method))).decode()
         return GenerationSettings(**{**s.to_dict(), "sampler": sampler, "scheduler": scheduler})
 
     # -- one-shot generation -----------------------------------------------------------------
@@ -207,20 +229,27 @@ class Pipeline(Residency):
     def generate_with(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
                       ref_images: Sequence[ImageLike] = (),
                       progress: Optional[ProgressFn] = None) -> GenerationResult:
-        """Generate with fully specified settings (upstream's generate_image)."""
-        ctx = self._require_open()
+        """Generate with fully specified settings (upstream's generate_image).
+
+        With ``release_diffusion`` the same steps run as staged calls (same pixels),
+        so the text encoder and the diffusion model are never loaded together."""
+        self._require_open()
         if s.sampler is None or s.scheduler is None:
             s = self._with_engine_defaults(s)
+        check_schedule(s, self.family)
+        if self.settings.release_diffusion:
+            return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress)
         params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
         self._ensure(ENCODER)
         self._ensure(DIFFUSION)
         start = time.perf_counter()
-        with native_call_lock, capture() as log, progress_scope(progress):
-            images = lib.generate_image(ctx, params)
+        with native_calls.hold(), capture() as log, progress_scope(progress) as state:
+            images = lib.generate_image(self._require_open(), params)
         seconds = time.perf_counter() - start
         del keep
         self._after_encoding()
         if images == ffi.NULL:
+            state.raise_error()
             raise GenerationError("generation failed" + (f":\n{log.errors()}" if log.errors() else ""))
         try:
             out = [to_pil(images[i]) for i in range(s.batch_count)]
@@ -229,7 +258,27 @@ class Pipeline(Residency):
                 if images[i].data != ffi.NULL:
                     lib.free(images[i].data)
             lib.free(images)
+        state.raise_error()
         return GenerationResult(out, s, s.seeds(), {"generate_s": seconds})
+
+    def _generate_staged(self, s: GenerationSettings, *, init_image: Optional[ImageLike],
+                         ref_images: Sequence[ImageLike], progress: Optional[ProgressFn]) -> GenerationResult:
+        """generate_image's steps as staged calls: encode, (encode the init image), then per
+        image of the batch denoise with seed + i and decode."""
+        start = time.perf_counter()
+        cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None)
+        init = None
+        if init_image is not None:
+            init = self.encode_image(init_image, seed=s.seed, width=s.width, height=s.height)
+        images = []
+        for seed in s.seeds():
+            latent = self.denoise(cond, width=s.width, height=s.height, steps=s.steps, cfg_scale=s.cfg_scale,
+                                  sampler=s.sampler, scheduler=s.scheduler, seed=seed, flow_shift=s.flow_shift,
+                                  guidance=s.guidance, sigmas=s.sigmas, init_latent=init,
+                                  strength=s.strength if init is not None else None, ref_images=ref_images,
+                                  progress=progress)
+            images.append(self.decode(latent))
+        return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start})
 
     def _params(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
                 ref_images: Sequence[ImageLike] = ()):
@@ -241,6 +290,7 @@ class Pipeline(Residency):
         if ref_images:
             if isinstance(ref_images, (Image.Image, np.ndarray)):
                 raise TypeError("ref_images must be a sequence of images")
+            check_ref_images(ref_images)
             refs = ffi.new("sd_image_t[]", len(ref_images))
             keep.append(refs)
             keep.extend(fill_image(refs[i], im) for i, im in enumerate(ref_images))
@@ -266,7 +316,8 @@ class Pipeline(Residency):
         params, keep = self._params(s)
         self._ensure_encoder()
         out = ffi.new("sdcpp_result_t**")
-        seconds = self._native(lib.sdcpp_encode, params, negative_prompt is not None, out)
+        seconds = self._native(lib.sdcpp_encode, params, negative_prompt is not None, out,
+                               cleanup=lambda: lib.sdcpp_result_free(out[0]))
         del keep
         cond = Conditioning(dict(read_result(out[0])), self.family, self.encoder_id, prompt,
                             negative_prompt, seconds)
@@ -306,7 +357,7 @@ class Pipeline(Residency):
         seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
                                init.first if init else ffi.NULL,
                                noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
-                               progress=progress)
+                               progress=progress, cleanup=lambda: lib.sdcpp_result_free(out[0]))
         del keep
         (_, data), = read_result(out[0])
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
@@ -321,7 +372,7 @@ class Pipeline(Residency):
         params, keep = self._params(s)
         view = TensorViews([((0, "latent", 0), latent.data)])
         image = ffi.new("sd_image_t*")
-        self._native(lib.sdcpp_decode, params, view.first, image)
+        self._native(lib.sdcpp_decode, params, view.first, image, cleanup=lambda: lib.free(image.data))
         try:
             pil = to_pil(image[0])
         finally:
@@ -338,7 +389,7 @@ class Pipeline(Residency):
         sd_image = ffi.new("sd_image_t*")
         keep.append(fill_image(sd_image[0], pil))
         out = ffi.new("sdcpp_result_t**")
-        self._native(lib.sdcpp_encode_image, params, sd_image, out)
+        self._native(lib.sdcpp_encode_image, params, sd_image, out, cleanup=lambda: lib.sdcpp_result_free(out[0]))
         del keep
         (_, data), = read_result(out[0])
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
@@ -352,29 +403,14 @@ class Pipeline(Residency):
 
         return sweep(self, prompt, **grid)
 
-    # -- checks ------------------------------------------------------------------------------
+    # -- checks ----------------------------------------------------------------------------
     def _check_conditioning(self, c: Conditioning) -> None:
-        if not isinstance(c, Conditioning):
-            raise TypeError(f"expected a Conditioning, not {type(c).__name__}")
-        if c.family != self.family:
-            raise IncompatibleModelError(f"this conditioning was made for {c.family}, not {self.family}")
-        width = self.components.dit_context_dim
-        if width is not None and c.context.shape[-1] != width:
-            raise IncompatibleModelError(
-                f"conditioning width {c.context.shape[-1]} does not fit this model ({width})")
+        check_conditioning(c, self.family, self.components.dit_context_dim)
         if c.encoder != self.encoder_id:
             logger.warning("conditioning comes from another text encoder (%s)", c.encoder)
 
     def _check_latent(self, latent: Latent) -> None:
-        if not isinstance(latent, Latent):
-            raise TypeError(f"expected a Latent, not {type(latent).__name__}")
-        if latent.family != self.family:
-            raise IncompatibleModelError(f"this latent belongs to {latent.family}, not {self.family}")
-        d = latent.data
-        if d.ndim != 4 or d.shape[0] != 1 or d.shape[-1] < 1 or d.shape[-2] < 1:
-            raise InvalidArgumentError(f"latent data must have shape (1, C, h, w), got {d.shape}")
-        if latent.width % 16 or latent.height % 16 or latent.width * latent.height > 4096 * 4096:
-            raise InvalidArgumentError(f"latent of {latent.width}x{latent.height} pixels is out of range")
+        check_latent(latent, self.family)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

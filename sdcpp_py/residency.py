@@ -3,10 +3,12 @@ and the diffusion model, and one text encoder shared by several pipelines."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ._ffi import ffi, lib
-from .errors import IncompatibleModelError, ModelLoadError
+from .errors import IncompatibleModelError, InvalidArgumentError, ModelLoadError
 from .staged import check
 
 if TYPE_CHECKING:
@@ -15,27 +17,38 @@ if TYPE_CHECKING:
 ENCODER, DIFFUSION = 0, 1                     # the shim's component ids
 COMPONENT_FILE = {ENCODER: "llm", DIFFUSION: "diffusion_model"}
 COMPONENT_NAME = {ENCODER: "text encoder", DIFFUSION: "diffusion model"}
+# settings that decide where and in which form a text encoder lives: pipelines
+# sharing one must agree on them (an encoder in Vulkan memory cannot run on the CPU)
+_SHARED_SETTINGS = ("wtype", "keep_clip_on_cpu", "offload_params_to_cpu", "enable_mmap")
+
+
+def file_stamp(path: Optional[Path]) -> Optional[tuple]:
+    """What tells a file apart from a replaced one: size and modification time."""
+    if path is None:
+        return None
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns)
 
 
 class Residency:
     """Mixin of Pipeline: component residency and encoder sharing."""
 
-    _encoder_group: List["Pipeline"]
+    _encoder_group: "weakref.WeakSet[Pipeline]"
+    _stamps: Dict[int, Optional[tuple]]
 
     @property
     def encoder_loaded(self) -> bool:
-        return bool(lib.sdcpp_component_loaded(self._require_open(), ENCODER))
+        return bool(self._query(lib.sdcpp_component_loaded, ENCODER))
 
     @property
     def diffusion_loaded(self) -> bool:
-        return bool(lib.sdcpp_component_loaded(self._require_open(), DIFFUSION))
+        return bool(self._query(lib.sdcpp_component_loaded, DIFFUSION))
 
     @property
     def weight_bytes(self) -> Dict[str, int]:
         """Bytes of weights resident now, per component (0 while released)."""
-        ctx = self._require_open()
-        return {"encoder": int(lib.sdcpp_component_bytes(ctx, ENCODER)),
-                "diffusion": int(lib.sdcpp_component_bytes(ctx, DIFFUSION))}
+        return {"encoder": int(self._query(lib.sdcpp_component_bytes, ENCODER)),
+                "diffusion": int(self._query(lib.sdcpp_component_bytes, DIFFUSION))}
 
     def release_encoder(self) -> None:
         """Free the text encoder's weights (reloaded from its file when next needed)."""
@@ -46,15 +59,21 @@ class Residency:
         self._release(DIFFUSION)
 
     def _release(self, component: int) -> None:
-        if lib.sdcpp_component_loaded(self._require_open(), component):
+        if self.paths[COMPONENT_FILE[component]] is None:
+            raise InvalidArgumentError(f"the {COMPONENT_NAME[component]} can be released only when it comes "
+                                       f"from a file of its own ({COMPONENT_FILE[component]}=...)")
+        if self._query(lib.sdcpp_component_loaded, component):
             self._native(lib.sdcpp_component_release, component, error=ModelLoadError)
 
     def _ensure(self, component: int) -> None:
-        if lib.sdcpp_component_loaded(self._require_open(), component):
+        if self._query(lib.sdcpp_component_loaded, component):
             return
         path = self.paths[COMPONENT_FILE[component]]
         if path is None or not path.is_file():
             raise ModelLoadError(f"cannot reload the {COMPONENT_NAME[component]}: {path} is gone")
+        if file_stamp(path) != self._stamps.get(component):
+            raise ModelLoadError(f"cannot reload the {COMPONENT_NAME[component]}: {path} changed since the "
+                                 "pipeline was created (make a new Pipeline for the new file)")
         self._native(lib.sdcpp_component_reload, component, ffi.new("char[]", str(path).encode()),
                      error=ModelLoadError)
 
@@ -68,26 +87,26 @@ class Residency:
             self._release(ENCODER)
 
     def _load_sharing_encoder(self, other: "Pipeline") -> None:
-        """Load, then give this context's text encoder to ``other``'s group (one copy in memory).
-
-        The group's encoder is released before this context loads its own, so two
-        copies never coexist."""
+        """Load everything but the text encoder, then borrow ``other``'s (one copy in memory,
+        loaded once)."""
         if not isinstance(other, Residency):
             raise TypeError(f"share_encoder_with must be a Pipeline, not {type(other).__name__}")
         other._require_open()
-        if other.encoder_id != self.encoder_id or other.settings.wtype != self.settings.wtype:
-            raise IncompatibleModelError("only pipelines loading the same text encoder file (and weight type) "
-                                         "can share it")
+        if other.encoder_id != self.encoder_id or self.paths["llm"] is None:
+            raise IncompatibleModelError("only pipelines loading the same text encoder file (llm=...) can share it")
         if self.components.llm_hidden is None or other.components.llm_hidden is None:
             raise IncompatibleModelError("encoder sharing needs LLM-conditioned models (Z-Image, FLUX.2)")
-        other.release_encoder()
-        self._load()
-        group = [p for p in other._encoder_group if not p.closed]
-        for peer in group:
-            self._native(lib.sdcpp_share_encoder, peer._require_open(), error=ModelLoadError)
-        group.append(self)
-        for member in group:
-            member._encoder_group = group
+        differ = [n for n in _SHARED_SETTINGS if getattr(self.settings, n) != getattr(other.settings, n)]
+        self._resolve_device()
+        if self.device != other.device:
+            differ.append("device")
+        if differ:
+            raise IncompatibleModelError(f"pipelines sharing a text encoder need the same {', '.join(differ)}")
+        self._load(defer_encoder=True)
+        other._native(lib.sdcpp_share_encoder, self._require_open(), error=ModelLoadError)  # other's to self
+        group = other._encoder_group
+        group.add(self)
+        self._encoder_group = group
 
     @property
     def shares_encoder(self) -> bool:
@@ -95,8 +114,8 @@ class Residency:
 
     def _leave_encoder_group(self) -> None:
         """Before this context is freed: move a shared encoder onto a context that stays."""
-        survivors = [p for p in self._encoder_group if p is not self and not p.closed]
+        survivors: List["Pipeline"] = [p for p in self._encoder_group if p is not self and not p.closed]
+        self._encoder_group.discard(self)
+        self._encoder_group = weakref.WeakSet([self])
         if survivors:
             check(lib.sdcpp_rebind_encoder(survivors[0]._ctx))
-            self._encoder_group.remove(self)
-            self._encoder_group = [self]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -27,9 +28,14 @@ def _names(count: int, name_fn) -> Tuple[str, ...]:
 SAMPLERS: Tuple[str, ...] = _names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
 SCHEDULERS: Tuple[str, ...] = _names(lib.SCHEDULER_COUNT, lib.sd_scheduler_name)
 RNG_TYPES: Tuple[str, ...] = _names(lib.RNG_TYPE_COUNT, lib.sd_rng_type_name)
+# Weight types the engine can convert any weight to at load (wtype, tensor_type_rules):
+# float types and the quantizations ggml makes without an importance matrix. Others
+# that ggml names (integer types, q8_1/q8_K, the IQ family) divide by zero or fail an
+# assert in the conversion, which aborts the process.
+_CONVERTIBLE = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
+                "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
 WEIGHT_TYPES: Tuple[str, ...] = tuple(
-    n for i, n in enumerate(_names(lib.SD_TYPE_COUNT, lib.sd_type_name))
-    if n and " " not in n and lib.str_to_sd_type(n.encode()) == i)
+    n for n in _names(lib.SD_TYPE_COUNT, lib.sd_type_name) if n in _CONVERTIBLE)
 
 
 def _choice(what: str, value: Optional[str], allowed: Tuple[str, ...]) -> Optional[str]:
@@ -98,8 +104,8 @@ class ContextSettings:
         object.__setattr__(self, "wtype", _choice("weight type", self.wtype, WEIGHT_TYPES))
         object.__setattr__(self, "rng", _choice("rng", self.rng, RNG_TYPES))
         object.__setattr__(self, "upcast", _choice("upcast", self.upcast or "none", UPCAST_CHOICES))
-        if self.tensor_type_rules is not None and not isinstance(self.tensor_type_rules, str):
-            raise TypeError("tensor_type_rules must be a str like '^model\\.diffusion_model\\.=f16'")
+        if self.tensor_type_rules is not None:
+            object.__setattr__(self, "tensor_type_rules", check_type_rules(self.tensor_type_rules))
         object.__setattr__(self, "backend", _choice("backend", self.backend, ("auto", "cpu", "vulkan")))
         if self.device is not None and (isinstance(self.device, bool) or not isinstance(self.device, (int, str))):
             raise TypeError("device must be an int index, a device name or None")
@@ -124,6 +130,23 @@ class ContextSettings:
         # A resident context serves many calls and img2img: keep everything loaded.
         p.free_params_immediately = False
         p.vae_decode_only = False
+
+
+def check_type_rules(rules: Any) -> str:
+    """The engine's ``regex=type,...`` rules, each regex compiled and each type convertible."""
+    if not isinstance(rules, str):
+        raise TypeError("tensor_type_rules must be a str like '^model\\.diffusion_model\\.=f16'")
+    out = []
+    for item in filter(None, (r.strip() for r in rules.split(","))):
+        pattern, sep, type_name = item.rpartition("=")
+        if not sep or not pattern:
+            raise InvalidArgumentError(f"tensor_type_rules: {item!r} is not 'regex=type'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InvalidArgumentError(f"tensor_type_rules: bad regular expression {pattern!r}: {e}") from None
+        out.append(f"{pattern}={_choice('weight type', type_name, WEIGHT_TYPES)}")
+    return ",".join(out)
 
 
 def resolve_seed(seed: Optional[int]) -> int:

@@ -9,6 +9,7 @@ given and Python copies what it gets back, so no pointer outlives a call.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -55,15 +56,22 @@ class Conditioning:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Conditioning":
-        with np.load(Path(path), allow_pickle=False) as z:
-            try:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"no such file: {p}")
+        try:
+            with np.load(p, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["__meta__"]).decode())
-            except KeyError:
-                raise SdcppError(f"{path}: not a saved Conditioning") from None
-            if meta.get("format") != _FORMAT:
-                raise SdcppError(f"{path}: unknown conditioning format {meta.get('format')!r}")
-            parts = {(int(k[0]), str(k[1]), int(k[2])): z[f"part{i}"] for i, k in enumerate(meta["parts"])}
-        return cls(parts, meta["family"], meta["encoder"], meta["prompt"], meta["negative_prompt"])
+                if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+                    raise SdcppError(f"{p}: unknown conditioning format "
+                                     f"{meta.get('format') if isinstance(meta, dict) else None!r}")
+                parts = {(int(k[0]), str(k[1]), int(k[2])): z[f"part{i}"] for i, k in enumerate(meta["parts"])}
+                return cls(parts, str(meta["family"]), str(meta["encoder"]), str(meta["prompt"]),
+                           meta["negative_prompt"])
+        except SdcppError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+            raise SdcppError(f"{p}: not a saved Conditioning ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True, eq=False)

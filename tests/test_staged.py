@@ -187,6 +187,12 @@ def test_two_models_share_one_encoder(tiny_sets, pipelines):
         with Pipeline(diffusion_model=k.diffusion_model, llm=k.llm, vae=k.vae, n_threads=2,
                       share_encoder_with=zp) as kp:
             assert zp.shares_encoder and kp.shares_encoder
+            # one set of weights: the borrower was never given its own, and freeing the
+            # owner's frees what the borrower uses
+            assert zp.encoder_loaded and kp.encoder_loaded
+            assert kp.weight_bytes["encoder"] == zp.weight_bytes["encoder"] > 0
+            zp.release_encoder()
+            assert not kp.encoder_loaded
             for p, ref in ((zp, pipelines["z-image-turbo"]), (kp, pipelines["flux2-klein"])):
                 assert np.array_equal(p.generate(PROMPT, **kw).arrays[0], ref.generate(PROMPT, **kw).arrays[0])
                 assert np.array_equal(p.encode("shared").context, ref.encode("shared").context)
@@ -210,4 +216,13 @@ def test_sharing_needs_the_same_encoder_file(tiny_sets, tmp_path):
     with Pipeline(diffusion_model=z.diffusion_model, llm=z.llm, vae=z.vae) as zp:
         with pytest.raises(IncompatibleModelError, match="same text encoder"):
             Pipeline(diffusion_model=k.diffusion_model, llm=copy, vae=k.vae, share_encoder_with=zp)
+        assert zp.encoder_loaded
+
+
+def test_sharing_needs_the_same_placement(tiny_sets):
+    z, k = tiny_sets["z-image-turbo"], tiny_sets["flux2-klein"]
+    with Pipeline(diffusion_model=z.diffusion_model, llm=z.llm, vae=z.vae, n_threads=2) as zp:
+        with pytest.raises(IncompatibleModelError, match="same keep_clip_on_cpu"):
+            Pipeline(diffusion_model=k.diffusion_model, llm=k.llm, vae=k.vae, keep_clip_on_cpu=True,
+                     share_encoder_with=zp)
         assert zp.encoder_loaded

@@ -1,7 +1,7 @@
 """Synthetic model writer: layouts, GGUF/safetensors containers, reproducibility, API checks.
 
-Nothing here needs the native library or a model hub: the files are parsed back with a
-small reader written in this test (and with sdcpp_py.modelfile when it is present).
+Nothing here runs the engine or needs a model hub: the files are parsed back with a small
+reader written in this test and with sdcpp_py.modelfile.
 """
 
 from __future__ import annotations
@@ -300,10 +300,8 @@ def test_reuse_overwrite_and_partial(tmp_path):
 
 
 def test_modelfile_reads_our_files(tmp_path):
-    try:
-        from sdcpp_py.modelfile import inspect
-    except ImportError:
-        pytest.skip("sdcpp_py.modelfile not available")
+    from sdcpp_py.modelfile import inspect
+
     for fmt, wtype in (("gguf", "q8_0"), ("safetensors", "f16")):
         for component in COMPONENTS:
             path = write_component("flux2-klein", component, tmp_path, fmt=fmt,

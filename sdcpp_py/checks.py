@@ -1,0 +1,93 @@
+"""Checks of what staged calls are given, made before the engine sees it.
+
+stable-diffusion.cpp asserts (and so aborts the process) on many shapes it does
+not expect: a conditioning of the wrong width or rank, an odd-sized reference
+latent, a schedule that divides by zero. Each check here raises a Python
+exception for one such input instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ._images import ImageLike, as_pil
+from .errors import IncompatibleModelError, InvalidArgumentError
+from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE
+from .settings import GenerationSettings, MAX_PIXELS
+from .staged import NEGATIVE, POSITIVE, Conditioning, Latent
+
+MAX_TOKENS = 16384                       # text tokens per conditioning part
+_LLM_PARTS = ("c_crossattn", "extra_c_crossattn")   # what the Qwen3 conditioners produce
+# Schedulers whose sigma formula needs at least two steps (one step divides by zero
+# or, for gits, reads before its table).
+_TWO_STEP_SCHEDULERS = ("exponential", "karras", "gits")
+_FLOW_FAMILIES = (Z_IMAGE, FLUX2_KLEIN, FLUX2_DEV)
+
+
+def check_schedule(s: GenerationSettings, family: str) -> None:
+    if s.sigmas is not None:
+        return  # a custom schedule replaces the scheduler
+    if s.scheduler in _TWO_STEP_SCHEDULERS and s.steps < 2:
+        raise InvalidArgumentError(f"the {s.scheduler} scheduler needs at least 2 steps")
+    if s.scheduler == "ays" and family in _FLOW_FAMILIES:
+        raise InvalidArgumentError(f"the ays scheduler has noise levels for SD 1.x, SDXL and SVD only, not {family}")
+
+
+def check_ref_images(images: Sequence[ImageLike]) -> None:
+    """Reference images are VAE-encoded at their own size: sides must be multiples of 16."""
+    for i, image in enumerate(images):
+        pil = as_pil(image)
+        if pil.width % 16 or pil.height % 16:
+            raise InvalidArgumentError(f"reference image {i} is {pil.width}x{pil.height}: both sides must be "
+                                       "multiples of 16 (resize or crop it first)")
+
+
+def check_conditioning(c: Conditioning, family: str, context_dim: Optional[int]) -> None:
+    """A conditioning this model can take: made for its family, every part a float
+    array of shape (tokens, width) or (1, tokens, width) with the DiT's text width."""
+    if not isinstance(c, Conditioning):
+        raise TypeError(f"expected a Conditioning, not {type(c).__name__}")
+    if c.family != family:
+        raise IncompatibleModelError(f"this conditioning was made for {c.family}, not {family}")
+    if (POSITIVE, "c_crossattn", 0) not in c.parts:
+        raise InvalidArgumentError("the conditioning has no positive c_crossattn part")
+    llm_family = family in (Z_IMAGE, FLUX2_KLEIN)
+    for key, array in c.parts.items():
+        if not (isinstance(key, tuple) and len(key) == 3):
+            raise InvalidArgumentError(f"conditioning part key {key!r} is not (role, name, index)")
+        role, name, index = key
+        if role not in (POSITIVE, NEGATIVE) or not isinstance(index, int) or not 0 <= index <= 64:
+            raise InvalidArgumentError(f"conditioning part {key!r}: role must be 0 or 1, index 0..64")
+        if llm_family and name not in _LLM_PARTS:
+            raise InvalidArgumentError(f"conditioning part {name!r} is not one {family} uses "
+                                       f"({', '.join(_LLM_PARTS)})")
+        if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
+            raise InvalidArgumentError(f"conditioning part {name!r} must be a float numpy array")
+        if not llm_family:
+            continue
+        shape = array.shape
+        if array.ndim not in (2, 3) or (array.ndim == 3 and shape[0] != 1):
+            raise InvalidArgumentError(f"conditioning part {name!r} has shape {shape}; "
+                                       "(tokens, width) or (1, tokens, width) expected")
+        if not 1 <= shape[-2] <= MAX_TOKENS:
+            raise InvalidArgumentError(f"conditioning part {name!r} has {shape[-2]} tokens (1..{MAX_TOKENS})")
+        if context_dim is not None and shape[-1] != context_dim:
+            raise IncompatibleModelError(f"conditioning width {shape[-1]} does not fit this model ({context_dim})")
+
+
+def check_latent(latent: Latent, family: str) -> None:
+    """A latent of this family, shaped (1, C, h, w), covering 16-pixel multiples (the
+    library checks the channel count against the model)."""
+    if not isinstance(latent, Latent):
+        raise TypeError(f"expected a Latent, not {type(latent).__name__}")
+    if latent.family != family:
+        raise IncompatibleModelError(f"this latent belongs to {latent.family}, not {family}")
+    d = latent.data
+    if not isinstance(d, np.ndarray) or d.dtype.kind != "f":
+        raise InvalidArgumentError("latent data must be a float numpy array")
+    if d.ndim != 4 or d.shape[0] != 1 or d.shape[-1] < 1 or d.shape[-2] < 1:
+        raise InvalidArgumentError(f"latent data must have shape (1, C, h, w), got {d.shape}")
+    if latent.width % 16 or latent.height % 16 or latent.width * latent.height > MAX_PIXELS:
+        raise InvalidArgumentError(f"latent of {latent.width}x{latent.height} pixels is out of range")
