@@ -75,6 +75,11 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# boolean fields of ContextSettings that are sd_ctx_params_t fields of the same name
+_ENGINE_FLAGS = ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
+                 "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct")
+
+
 @dataclass(frozen=True)
 class ContextSettings:
     """How a context loads and runs its models (``sd_ctx_params_t``)."""
@@ -110,9 +115,7 @@ class ContextSettings:
         if self.device is not None and (isinstance(self.device, bool) or not isinstance(self.device, (int, str))):
             raise TypeError("device must be an int index, a device name or None")
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
-        for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
-                     "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
-                     "release_encoder", "release_diffusion"):
+        for name in _ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
 
@@ -124,8 +127,7 @@ class ContextSettings:
         p.rng_type = lib.str_to_rng_type(self.rng.encode())
         if self.sampler_rng is not None:
             p.sampler_rng_type = lib.str_to_rng_type(self.sampler_rng.encode())
-        for name in ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
-                     "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct"):
+        for name in _ENGINE_FLAGS:
             setattr(p, name, getattr(self, name))
         # A resident context serves many calls and img2img: keep everything loaded.
         p.free_params_immediately = False

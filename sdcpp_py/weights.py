@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from .modelfile import GGML_TYPES, ModelFile, inspect
+from .modelfile import GGML_TYPES, SAFETENSORS_DTYPES, ModelFile, inspect
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,7 @@ MARGIN_FRACTION = 0.10    # of what is available, for everything else on the mac
 _KEPT = re.compile(r"(\.bias$|\.scale$|img_in\.|txt_in\.|time_in\.|vector_in\.|guidance_in\.|final_layer\.|"
                    r"x_embedder\.|t_embedder\.|y_embedder\.|pos_embed|context_embedder\.|embedding)")
 _ELEMENT_BYTES = {name: size / block for name, block, size in GGML_TYPES.values()}
-_ELEMENT_BYTES.update({"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                       "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1})
+_ELEMENT_BYTES.update(SAFETENSORS_DTYPES)
 _WIDE = {"F64", "F32", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}   # nothing to gain from F16
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..modelfile import GGML_TYPES as ALL_GGML_TYPES
 from .layouts import TensorSpec
 
 __all__ = [
@@ -50,16 +51,17 @@ class GGMLType:
         return numel // self.block_size * self.type_size
 
 
-# ggml type ids (ggml.h, ggml 0.9.8): F32 0, F16 1, Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, BF16 30.
+def _from_ggml(name: str, safetensors_dtype: str | None = None) -> GGMLType:
+    """A type as the GGUF reader's table (sdcpp_py.modelfile) knows it: id, block, bytes."""
+    (gid, (_, block, size)), = [(i, t) for i, t in ALL_GGML_TYPES.items() if t[0].lower() == name]
+    return GGMLType(name, gid, block, size, safetensors_dtype)
+
+
 GGML_TYPES: dict[str, GGMLType] = {
-    "f32": GGMLType("f32", 0, 1, 4, "F32"),
-    "f16": GGMLType("f16", 1, 1, 2, "F16"),
-    "bf16": GGMLType("bf16", 30, 1, 2, "BF16"),
-    "q8_0": GGMLType("q8_0", 8, 32, 34),
-    "q5_1": GGMLType("q5_1", 7, 32, 24),
-    "q5_0": GGMLType("q5_0", 6, 32, 22),
-    "q4_1": GGMLType("q4_1", 3, 32, 20),
-    "q4_0": GGMLType("q4_0", 2, 32, 18),
+    "f32": _from_ggml("f32", "F32"),
+    "f16": _from_ggml("f16", "F16"),
+    "bf16": _from_ggml("bf16", "BF16"),
+    **{name: _from_ggml(name) for name in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")},
 }
 
 FLOAT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16")
