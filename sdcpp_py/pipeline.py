@@ -30,7 +30,7 @@ from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_compone
 from .presets import Preset, get_preset, preset_for_family
 from .settings import ContextSettings, GenerationSettings, resolve_seed
 from .weights import plan_upcast
-from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, Residency, file_stamp
+from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle, Residency, file_stamp
 from .staged import Conditioning, Latent, TensorViews, check, read_result
 
 logger = logging.getLogger("sdcpp_py")
@@ -72,7 +72,7 @@ class Pipeline(Residency):
                  settings: Optional[ContextSettings] = None, preset: Union[str, Preset, None] = None,
                  cache_size: int = 16, share_encoder_with: Optional["Pipeline"] = None,
                  **settings_kwargs: Any) -> None:
-        self._ctx = None
+        self._handle: Optional[ContextHandle] = None
         if settings is not None and settings_kwargs:
             raise TypeError("give settings= or setting keywords, not both")
         self.settings = settings if settings is not None else ContextSettings(**settings_kwargs)
@@ -85,7 +85,6 @@ class Pipeline(Residency):
         self.encodings = EncodingCache(cache_size)
         self.load_count = 0
         self.load_seconds = 0.0
-        self._encoder_group = weakref.WeakSet([self])      # pipelines sharing this one's text encoder
         self._stamps = {ENCODER: file_stamp(self.paths["llm"]), DIFFUSION: file_stamp(self.paths["diffusion_model"])}
         if share_encoder_with is None:
             self._load()
@@ -124,7 +123,8 @@ class Pipeline(Residency):
         if ctx == ffi.NULL:
             raise ModelLoadError("stable-diffusion.cpp could not create a context"
                                  + (f":\n{log.errors()}" if log.errors() else ""))
-        self._ctx = ffi.gc(ctx, lib.sdcpp_free_ctx)
+        self._handle = ContextHandle(ctx)
+        weakref.finalize(self, self._handle.free)   # a pipeline dropped without close() frees it too
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
@@ -138,11 +138,13 @@ class Pipeline(Residency):
     def close(self) -> None:
         """Free the models. Safe to call more than once (not from a progress callback)."""
         with native_calls.hold():
-            ctx, self._ctx = self._ctx, None
-            if ctx is None:
-                return
-            self._leave_encoder_group()  # a shared encoder must not keep running on this context's backend
-            ffi.release(ctx)
+            if self._handle is not None:
+                self._handle.free()
+
+    @property
+    def _ctx(self):
+        """The native context, or None once closed."""
+        return self._handle.ptr if self._handle is not None else None
 
     @property
     def closed(self) -> bool:

@@ -3,9 +3,8 @@ and the diffusion model, and one text encoder shared by several pipelines."""
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Set
 
 from ._ffi import ffi, lib
 from .errors import IncompatibleModelError, InvalidArgumentError, ModelLoadError
@@ -30,10 +29,43 @@ def file_stamp(path: Optional[Path]) -> Optional[tuple]:
     return (st.st_size, st.st_mtime_ns)
 
 
+class ContextHandle:
+    """Owns one native context and knows the contexts it shares a text encoder with.
+
+    Freed once, by ``Pipeline.close()`` or by the pipeline's finalizer: a shared
+    encoder runs on its loader's backend, so before that context goes the encoder is
+    moved onto a context of the group that stays. Holds no reference to a pipeline.
+    """
+
+    def __init__(self, ptr) -> None:
+        self.ptr = ptr
+        self.group: Set["ContextHandle"] = {self}
+
+    def join(self, other: "ContextHandle") -> None:
+        """Become a member of ``other``'s encoder-sharing group."""
+        other.group.add(self)
+        self.group = other.group
+
+    @property
+    def sharing(self) -> bool:
+        return sum(c.ptr is not None for c in self.group) > 1
+
+    def free(self) -> None:
+        ptr, self.ptr = self.ptr, None
+        if ptr is None:
+            return
+        self.group.discard(self)
+        survivors = [c for c in self.group if c.ptr is not None]
+        self.group = {self}
+        if survivors:
+            check(lib.sdcpp_rebind_encoder(survivors[0].ptr))
+        lib.sdcpp_free_ctx(ptr)
+
+
 class Residency:
     """Mixin of Pipeline: component residency and encoder sharing."""
 
-    _encoder_group: "weakref.WeakSet[Pipeline]"
+    _handle: Optional[ContextHandle]
     _stamps: Dict[int, Optional[tuple]]
 
     @property
@@ -104,18 +136,8 @@ class Residency:
             raise IncompatibleModelError(f"pipelines sharing a text encoder need the same {', '.join(differ)}")
         self._load(defer_encoder=True)
         other._native(lib.sdcpp_share_encoder, self._require_open(), error=ModelLoadError)  # other's to self
-        group = other._encoder_group
-        group.add(self)
-        self._encoder_group = group
+        self._handle.join(other._handle)
 
     @property
     def shares_encoder(self) -> bool:
-        return sum(not p.closed for p in self._encoder_group) > 1
-
-    def _leave_encoder_group(self) -> None:
-        """Before this context is freed: move a shared encoder onto a context that stays."""
-        survivors: List["Pipeline"] = [p for p in self._encoder_group if p is not self and not p.closed]
-        self._encoder_group.discard(self)
-        self._encoder_group = weakref.WeakSet([self])
-        if survivors:
-            check(lib.sdcpp_rebind_encoder(survivors[0]._ctx))
+        return self._handle is not None and self._handle.sharing

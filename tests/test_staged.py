@@ -1,5 +1,7 @@
 """encode -> denoise -> decode: same pixels as the one-shot call, one encoding for many images."""
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -206,6 +208,15 @@ def test_two_models_share_one_encoder(tiny_sets, pipelines):
     assert not kp.shares_encoder
     assert np.array_equal(kp.encode("after close", use_cache=False).context,
                           pipelines["flux2-klein"].encode("after close").context)
+    kp.close()
+    # the owner dropped without close(): its finalizer moves the encoder to the borrower first
+    zp = Pipeline(diffusion_model=z.diffusion_model, llm=z.llm, vae=z.vae, n_threads=2)
+    kp = Pipeline(diffusion_model=k.diffusion_model, llm=k.llm, vae=k.vae, n_threads=2, share_encoder_with=zp)
+    del zp
+    gc.collect()
+    assert not kp.shares_encoder
+    assert np.array_equal(kp.encode("after gc", use_cache=False).context,
+                          pipelines["flux2-klein"].encode("after gc").context)
     kp.close()
 
 
