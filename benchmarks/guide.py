@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from harness import run_spec
@@ -93,12 +94,17 @@ def run(family: str, models, args, work: Path, sheets: Path) -> Dict[str, Any]:
         items = plan(sweep, args)
         rows, cells = [], []
         if sweep == "quant":
+            reference = None   # the first type's image (F16: the stored weights, no re-quantization)
             for label, kw in items:
                 context = {"tensor_type_rules": rf"^model\.diffusion_model\.={label}", "upcast": "none"}
                 r = _images([kw], files, context, args, work, f"{family}-quant-{label}", None)
                 it = r.report["items"][0]
+                pixels = np.asarray(Image.open(it["image"]).convert("RGB"), dtype=np.int16)
+                reference = pixels if reference is None else reference
+                diff = np.abs(pixels - reference)
                 rows.append({"label": label, **_timing(it), "load_s": round(r.report["load_s"], 2),
-                             "peak_rss_mb": round(r.peak_rss_mb), "dit_bytes": r.report["weight_bytes"]["diffusion"]})
+                             "peak_rss_mb": round(r.peak_rss_mb), "dit_bytes": r.report["weight_bytes"]["diffusion"],
+                             "mean_abs_diff": round(float(diff.mean()), 2), "max_abs_diff": int(diff.max())})
                 cells.append((f"{label} {it['step_s']:.1f}s/step", Path(it["image"])))
         else:
             negative = "" if sweep == "cfg" else None
@@ -122,9 +128,24 @@ def _timing(it: Dict[str, Any]) -> Dict[str, Any]:
 def markdown(res: Dict[str, Any]) -> List[str]:
     md = [f"### {res['family']} (scale {res['scale']}, steps capped at {res['max_steps']})", ""]
     for sweep, data in res["sweeps"].items():
+        if sweep == "quant":
+            md += _quant_markdown(data)
+            continue
         md += [f"**{sweep}** — contact sheet `{Path(data['sheet']).name}`", "",
                "| image | size | steps | cfg | denoise s | s/step | decode s |", "|---|---|---|---|---|---|---|"]
         md += [f"| {r['label']} | {r['width']}x{r['height']} | {r['steps']} | {r['cfg_scale']} | {r['denoise_s']} | "
                f"{r['step_s']} | {r['decode_s']} |" for r in data["rows"]]
         md.append("")
     return md
+
+
+def _quant_markdown(data: Dict[str, Any]) -> List[str]:
+    first = data["rows"][0]["label"]
+    md = [f"**quant** — contact sheet `{Path(data['sheet']).name}`; image difference against {first} "
+          "(levels of 255, mean / max)", "",
+          "| DiT weights | size | load s | s/step | decode s | DiT GiB | peak RSS MB | diff vs " + first + " |",
+          "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['label']} | {r['width']}x{r['height']} | {r['load_s']} | {r['step_s']} | {r['decode_s']} | "
+           f"{r['dit_bytes'] / 2**30:.2f} | {r['peak_rss_mb']} | {r['mean_abs_diff']} / {r['max_abs_diff']} |"
+           for r in data["rows"]]
+    return md + [""]

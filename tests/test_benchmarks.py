@@ -53,7 +53,12 @@ def test_run_quick(tmp_path):
         assert [r["steps"] for r in sweeps["steps"]["rows"]] == [1, 3]
         assert len(sweeps["seeds"]["rows"]) == 4   # 2 seeds x landscape and portrait
         assert {(r["width"] > r["height"]) for r in sweeps["seeds"]["rows"]} == {True, False}
-        assert [r["label"] for r in sweeps["quant"]["rows"]][:3] == ["f16", "q8_0", "q4_0"]
+        quant = sweeps["quant"]["rows"]
+        assert [r["label"] for r in quant][:3] == ["f16", "q8_0", "q4_0"]
+        assert quant[0]["mean_abs_diff"] == 0 and quant[0]["max_abs_diff"] == 0
+        assert all(r["dit_bytes"] > 0 and r["mean_abs_diff"] >= 0 for r in quant)
+        # fewer bits, smaller weights: the 2-bit DiT is smaller than the F16 one
+        assert quant[-1]["label"] == "q2_K" and quant[-1]["dit_bytes"] < quant[0]["dit_bytes"]
         assert len(sweeps["aspects"]["rows"]) == 11
         assert all(r["width"] % 16 == 0 and r["height"] % 16 == 0 for r in sweeps["aspects"]["rows"])
         for sweep in sweeps.values():
