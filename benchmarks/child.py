@@ -53,6 +53,7 @@ def main(spec_path: str) -> None:
           "items": items, "wall_s": time.perf_counter() - t0, "device": pipe.device,
           "cpu_variant": info["cpu_variant"], "threads": pipe.settings.n_threads,
           "upcast": list(pipe.upcast.components), "upcast_reason": pipe.upcast.reason,
+          "weights": pipe.weights,
           "weight_bytes": pipe.weight_bytes, "family": pipe.family})
     pipe.close()
 

@@ -17,7 +17,10 @@ PROMPT = "a red fox in the snow, morning light"
 # (label, DiT file type, context settings, environment)
 FULL_CONFIGS: List[Tuple[str, str, Dict[str, Any], Dict[str, str]]] = [
     ("defaults (Q4_0 file)", "q4_0", {}, {}),
-    ("Q4_0 file, no upcast", "q4_0", {"upcast": "none"}, {}),
+    ("Q4_0 as stored, plain kernels (repack=none, upcast=none)", "q4_0", {"upcast": "none", "repack": "none"}, {}),
+    ("Q4_0 file, DiT expanded to F16", "q4_0", {"upcast": "diffusion", "upcast_type": "f16"}, {}),
+    ("Q4_0 file, DiT expanded to BF16", "q4_0", {"upcast": "diffusion", "upcast_type": "bf16"}, {}),
+    ("Q8_0 file (defaults)", "q8_0", {}, {}),
     ("Q8_0 file, no upcast", "q8_0", {"upcast": "none"}, {}),
     ("F16 file", "f16", {}, {}),
     ("defaults + flash attention", "q4_0", {"flash_attn": True}, {}),
@@ -46,6 +49,7 @@ def run(family: str, models_for: Callable[[str], Any], args, work: Path) -> Dict
                      "step_s": round(item["step_s"], 2), "decode_s": round(item["decode_s"], 2),
                      "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb),
                      "upcast": r.report["upcast"], "cpu_variant": r.report["cpu_variant"],
+                     "weights": r.report.get("weights", {}),
                      "threads": r.report["threads"]})
     base = rows[0] if rows and rows[0]["label"].startswith("defaults") else None
     for row in rows:
@@ -55,13 +59,18 @@ def run(family: str, models_for: Callable[[str], Any], args, work: Path) -> Dict
     return {"family": family, "rows": rows, "fastest": best}
 
 
+def _buffers(row: Dict[str, Any]) -> str:
+    dit = row.get("weights", {}).get("buffers", {}).get("diffusion", {})
+    return " + ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(dit.items())) or "-"
+
+
 def markdown(res: Dict[str, Any], args) -> List[str]:
     md = [f"### {res['family']}: {args.width}x{args.height}, {args.steps} step(s), one image per process", "",
-          "| setting | load s | encode s | DiT step s | VAE decode s | wall s | peak RSS MB | step speed-up | F16 upcast |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| setting | load s | encode s | DiT step s | VAE decode s | wall s | peak RSS MB | step speed-up | expanded | DiT buffers MB |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         md.append(f"| {r['label']} | {r['load_s']} | {r['encode_s']} | {r['step_s']} | {r['decode_s']} | "
                   f"{r['wall_s']} | {r['peak_rss_mb']} | {r.get('step_speedup_vs_defaults', '')} | "
-                  f"{', '.join(r['upcast']) or '-'} |")
+                  f"{', '.join(r['upcast']) or '-'} | {_buffers(r)} |")
     md += ["", "Fastest per stage: " + ", ".join(f"{k[:-2]}: {v}" for k, v in res["fastest"].items()), ""]
     return md

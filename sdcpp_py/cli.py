@@ -34,7 +34,12 @@ def _add_generation_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-t", "--threads", type=int)
     ap.add_argument("--type", dest="wtype", help="convert all weights at load, e.g. f16")
     ap.add_argument("--upcast", default="auto", choices=["auto", "none", "diffusion", "all"],
-                    help="quantized weights to F16 at load (default auto: where memory allows, on the CPU)")
+                    help="expand quantized weights at load (default auto: types without a fast CPU kernel, "
+                         "where the machine's memory allows)")
+    ap.add_argument("--upcast-type", default="auto", choices=["auto", "f16", "bf16"],
+                    help="what upcast expands to (auto: BF16 where the CPU has native BF16, else F16)")
+    ap.add_argument("--repack", default="auto", choices=["auto", "none"],
+                    help="CPU: Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked kernels' layout")
     ap.add_argument("--flash-attn", action="store_true",
                     help="flash attention (CPU: faster at small sizes, slower from ~512x512)")
     ap.add_argument("-o", "--output", type=Path, default=Path("output.png"))
@@ -44,7 +49,8 @@ def _run(pipe_kwargs: dict, args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .settings import ContextSettings
 
-    settings = {"wtype": args.wtype, "upcast": args.upcast, "flash_attn": args.flash_attn}
+    settings = {"wtype": args.wtype, "upcast": args.upcast, "upcast_type": args.upcast_type,
+                "repack": args.repack, "flash_attn": args.flash_attn}
     if args.threads:
         settings["n_threads"] = args.threads
     start = time.perf_counter()
@@ -61,7 +67,7 @@ def _run(pipe_kwargs: dict, args: argparse.Namespace) -> int:
         image.save(out)
         outputs.append(str(out))
     print(json.dumps({"outputs": outputs, "seeds": result.seeds, "settings": result.settings.to_dict(),
-                      "upcast": list(upcast.components), "load_s": round(load_s, 3),
+                      "upcast": list(upcast.components), "weights": result.weights, "load_s": round(load_s, 3),
                       "generate_s": round(result.timings["generate_s"], 3),
                       "total_s": round(time.perf_counter() - start, 3)}, indent=2))
     return 0

@@ -29,7 +29,7 @@ from .errors import ClosedError, GenerationError, IncompatibleModelError, Invali
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .presets import Preset, get_preset, preset_for_family
 from .settings import ContextSettings, GenerationSettings, resolve_seed
-from .weights import plan_upcast
+from .weights import WeightPlan, parse_buffers, plan_weights
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle, Residency, file_stamp
 from .staged import Conditioning, Latent, TensorViews, check, read_result
 
@@ -46,6 +46,7 @@ class GenerationResult:
     settings: GenerationSettings
     seeds: List[int]
     timings: Dict[str, float] = field(default_factory=dict)
+    weights: Dict[str, Any] = field(default_factory=dict)   # the weight policy's plan and buffers
 
     @property
     def image(self) -> Image.Image:
@@ -108,17 +109,18 @@ class Pipeline(Residency):
                 raise InvalidArgumentError(f"releasing the {COMPONENT_NAME[c]} needs it in a file of its own "
                                            f"({COMPONENT_FILE[c]}=...)")
         device = self._resolve_device()
-        self.upcast = plan_upcast(self.settings.upcast, self.paths, on_cpu=self.device == "CPU",
-                                  wtype=self.settings.wtype)
-        rules = ",".join(r for r in (self.settings.tensor_type_rules, self.upcast.rules) if r)
+        self.weight_plan = plan_weights(self.settings.upcast, self.paths, on_cpu=self.device == "CPU",
+                                        wtype=self.settings.wtype, repack=self.settings.repack,
+                                        target=self.settings.upcast_type)
+        rules = ",".join(r for r in (self.settings.tensor_type_rules, self.weight_plan.rules) if r)
         if rules:
             keep.append(ffi.new("char[]", rules.encode()))
             params.tensor_type_rules = keep[-1]
-        logger.info("weights: %s%s", self.upcast.reason,
-                    f" (F16: {', '.join(self.upcast.components)})" if self.upcast.components else "")
+        logger.info("weights: %s", self.weight_plan.reason)
         start = time.perf_counter()
         with native_calls.hold(), capture() as log, progress_scope(None):
-            ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode())
+            ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode(),
+                                    self.weight_plan.native_buffers.encode())
         self.load_seconds = time.perf_counter() - start
         if ctx == ffi.NULL:
             raise ModelLoadError("stable-diffusion.cpp could not create a context"
@@ -127,6 +129,25 @@ class Pipeline(Residency):
         weakref.finalize(self, self._handle.free)   # a pipeline dropped without close() frees it too
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
+
+    @property
+    def upcast(self) -> WeightPlan:
+        """The weight plan (this name from before the plan covered repacking)."""
+        return self.weight_plan
+
+    @property
+    def weights(self) -> Dict[str, Any]:
+        """The weight policy's plan, and each component's resident bytes per buffer now
+        (``{"CPU": ..., "CPU_REPACK": ...}``; empty while released)."""
+        out = self.weight_plan.to_dict()
+        out["cpu_variant"] = backends.load() if self.device == "CPU" else None
+        buffers = {}
+        for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER)):
+            text = ffi.new("char[]", 1024)
+            check(self._query(lib.sdcpp_component_buffers, component, text, 1024))
+            buffers[name] = parse_buffers(ffi.string(text).decode())
+        out["buffers"] = buffers
+        return out
 
     def _resolve_device(self) -> Optional[str]:
         """The ggml device this context runs on (None: the engine's choice); sets ``self.device``."""
@@ -261,7 +282,7 @@ class Pipeline(Residency):
                     lib.free(images[i].data)
             lib.free(images)
         state.raise_error()
-        return GenerationResult(out, s, s.seeds(), {"generate_s": seconds})
+        return GenerationResult(out, s, s.seeds(), {"generate_s": seconds}, self.weights)
 
     def _generate_staged(self, s: GenerationSettings, *, init_image: Optional[ImageLike],
                          ref_images: Sequence[ImageLike], progress: Optional[ProgressFn]) -> GenerationResult:
@@ -280,7 +301,7 @@ class Pipeline(Residency):
                                   strength=s.strength if init is not None else None, ref_images=ref_images,
                                   progress=progress)
             images.append(self.decode(latent))
-        return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start})
+        return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start}, self.weights)
 
     def _params(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
                 ref_images: Sequence[ImageLike] = ()):
@@ -354,6 +375,8 @@ class Pipeline(Residency):
             noise = np.asarray(noise)
             if noise.dtype.kind != "f":
                 raise TypeError("noise must be a float array")
+            if not np.isfinite(noise).all():
+                raise InvalidArgumentError("noise holds NaN or infinite values")
         noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
         out = ffi.new("sdcpp_result_t**")
         seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError
-from .weights import UPCAST_CHOICES
+from .weights import REPACK_CHOICES, UPCAST_CHOICES, UPCAST_TYPES
 
 MAX_SIDE = 4096                 # pixels per side
 MAX_PIXELS = 4096 * 4096        # per image
@@ -88,6 +88,10 @@ class ContextSettings:
     wtype: Optional[str] = None          # convert all weights at load, e.g. "f16"; None: see upcast
     upcast: str = "auto"                 # quantized weights to F16 at load: "auto" (CPU, where memory allows),
                                          # "none", "diffusion" or "all" (diffusion model and text encoder)
+    upcast_type: str = "auto"            # what upcast expands to: "auto" (BF16 where the CPU has native BF16,
+                                         # else F16), "f16" or "bf16"
+    repack: str = "auto"                 # CPU: matmul weights of Q4_0/Q4_K/IQ4_NL/MXFP4 (Q2_K with AVX-512)
+                                         # in ggml's repacked kernels' layout ("auto"), or not ("none")
     tensor_type_rules: Optional[str] = None  # the engine's own "regex=type,..." rules, tried before upcast's
     flash_attn: bool = False             # flash attention in every model (CPU: 1.1x at 256x256, 0.88x at 512x512)
     diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
@@ -109,6 +113,8 @@ class ContextSettings:
         object.__setattr__(self, "wtype", _choice("weight type", self.wtype, WEIGHT_TYPES))
         object.__setattr__(self, "rng", _choice("rng", self.rng, RNG_TYPES))
         object.__setattr__(self, "upcast", _choice("upcast", self.upcast or "none", UPCAST_CHOICES))
+        object.__setattr__(self, "upcast_type", _choice("upcast_type", self.upcast_type or "auto", UPCAST_TYPES))
+        object.__setattr__(self, "repack", _choice("repack", self.repack or "none", REPACK_CHOICES))
         if self.tensor_type_rules is not None:
             object.__setattr__(self, "tensor_type_rules", check_type_rules(self.tensor_type_rules))
         object.__setattr__(self, "backend", _choice("backend", self.backend, ("auto", "cpu", "vulkan")))
@@ -181,6 +187,8 @@ class GenerationSettings:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, not {type(getattr(self, name)).__name__}")
+            if "\0" in getattr(self, name):
+                raise InvalidArgumentError(f"{name} contains a NUL character (the engine would cut it there)")
         for name in ("width", "height"):
             v = _int(name, getattr(self, name), 16, MAX_SIDE)
             if v % 16:

@@ -23,7 +23,7 @@ def test_run_quick(tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "SDCPP_PY_BENCH_CACHE": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out),
-                          "--knobs", "0,1,3,8", "--sweeps", "steps,seeds,quant,aspects"],
+                          "--knobs", "0,1,6,11", "--sweeps", "steps,seeds,quant,aspects"],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -42,7 +42,10 @@ def test_run_quick(tmp_path):
         assert "sd-cli upstream flags" in res["skipped"] and "stable-diffusion-cpp-python" in res["skipped"]
 
     knob = {r["label"]: r for r in data["knobs"][0]["rows"]}
-    assert knob["defaults (Q4_0 file)"]["upcast"] and not knob["Q4_0 file, no upcast"]["upcast"]
+    # the default keeps a Q4_0 DiT in the repacked kernels' layout; repack=none keeps it plain
+    assert knob["defaults (Q4_0 file)"]["weights"]["buffers"]["diffusion"].get("CPU_REPACK", 0) > 0
+    plain = knob["Q4_0 as stored, plain kernels (repack=none, upcast=none)"]
+    assert "CPU_REPACK" not in plain["weights"]["buffers"]["diffusion"] and not plain["upcast"]
     assert knob["defaults + release encoder/diffusion"]["peak_rss_mb"] > 0
 
     for r in data["roofline"]:

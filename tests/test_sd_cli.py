@@ -45,3 +45,24 @@ def test_same_image_as_sd_cli(sd_cli, pipe, tiny, tmp_path, sampler, steps, size
     assert ours.shape == theirs.shape == (height, width, 3)
     assert ours.std() > 1.0
     assert np.array_equal(ours, theirs), f"max diff {np.abs(ours.astype(int) - theirs).max()}"
+
+
+def test_repacked_weights_same_image_as_sd_cli(sd_cli, model_dir, tmp_path):
+    """Q4_0 weights in ggml's repacked layout: sd-cli places them the same way when told
+    (SD_CPU_WEIGHT_BUFFERS), and then the images are equal bit for bit."""
+    from sdcpp_py import Pipeline
+    from sdcpp_py.synthetic import write_model_set
+    m = write_model_set("z-image-turbo", model_dir, size="tiny", seed=5, dit_type="q4_0", llm_type="q4_0")
+    prompt, seed, out = "a lighthouse at dawn", 77, tmp_path / "cli.png"
+    with Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2, upcast="none") as pipe:
+        result = pipe.generate(prompt, width=64, height=64, steps=2, seed=seed)
+    assert result.weights["buffers"]["diffusion"].get("CPU_REPACK", 0) > 0
+    cmd = [str(sd_cli), "--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
+           "-p", prompt, "-W", "64", "-H", "64", "--steps", "2", "--cfg-scale", "1", "-s", str(seed),
+           "-t", "2", "-o", str(out)]
+    env = {**os.environ, "SD_CPU_WEIGHT_BUFFERS": "CPU_REPACK"}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "matmul weights in extra CPU buffers" in run.stdout + run.stderr
+    theirs = np.asarray(Image.open(out).convert("RGB"))
+    assert np.array_equal(result.arrays[0], theirs), f"max diff {np.abs(result.arrays[0].astype(int) - theirs).max()}"

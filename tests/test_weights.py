@@ -1,4 +1,4 @@
-"""Quantized weights expanded to F16 at load time: the plan, and what the engine does with it."""
+"""The weight policy: repacked kernels, expansion to BF16/F16, and what the engine does with it."""
 
 from __future__ import annotations
 
@@ -9,14 +9,22 @@ import sdcpp_py
 from sdcpp_py import Pipeline
 from sdcpp_py.modelfile import inspect
 from sdcpp_py.synthetic import write_model_set
-from sdcpp_py.weights import growth, plan_upcast
+from sdcpp_py.weights import CpuKernels, cpu_kernels, growth, plan_weights
 
 GIB = 1 << 30
+ZEN4 = CpuKernels("zen4", frozenset({"AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16"}), ("CPU_REPACK",))
+HASWELL = CpuKernels("haswell", frozenset({"AVX2", "FMA", "F16C"}), ("CPU_REPACK",))
 
 
 @pytest.fixture(scope="module")
 def q8(model_dir):
     return write_model_set("flux2-klein", model_dir, size="tiny", seed=2, dit_type="q8_0", llm_type="q8_0")
+
+
+@pytest.fixture(scope="module")
+def q4(model_dir):
+    return {f: write_model_set(f, model_dir, size="tiny", seed=3, dit_type="q4_0", llm_type="q4_0")
+            for f in ("z-image-turbo", "flux2-klein")}
 
 
 def _paths(m):
@@ -33,23 +41,88 @@ def test_growth_counts_only_quantized_matrices(q8, tiny_sets):
     assert growth(inspect(tiny_sets["flux2-klein"].diffusion_model)).extra_bytes == 0   # F16 already
 
 
-def test_plan_follows_policy_memory_and_backend(q8, tiny_sets):
-    paths = _paths(q8)
-    assert plan_upcast("none", paths, on_cpu=True, wtype=None).rules == ""
-    both = plan_upcast("all", paths, on_cpu=True, wtype=None)
-    assert both.components == ("diffusion", "encoder")
-    assert both.rules == r"^model\.diffusion_model\.=f16,^text_encoders\.=f16"
-    assert plan_upcast("diffusion", paths, on_cpu=True, wtype=None).components == ("diffusion",)
-    assert plan_upcast("auto", paths, on_cpu=True, wtype=None, available=64 * GIB).components == both.components
-    starved = plan_upcast("auto", paths, on_cpu=True, wtype=None, available=2 * GIB)
-    assert starved.components == () and "2.0 GiB available" in starved.reason
-    assert plan_upcast("auto", paths, on_cpu=False, wtype=None, available=64 * GIB).components == ()
-    assert plan_upcast("all", paths, on_cpu=True, wtype="q4_0").components == ()   # wtype wins
-    f16 = plan_upcast("auto", _paths(tiny_sets["flux2-klein"]), on_cpu=True, wtype=None, available=64 * GIB)
-    assert f16.components == () and "no quantized" in f16.reason
+def test_policy_keeps_repackable_types_and_expands_the_rest(q8, q4, tiny_sets):
+    q8p, q4p = _paths(q8), _paths(q4["flux2-klein"])
+    # Q8_0 has no repacked x86 kernel: expanded, to BF16 where the CPU has it, F16 elsewhere
+    wide = plan_weights("auto", q8p, on_cpu=True, wtype=None, kernels=ZEN4, memory=64 * GIB)
+    assert wide.components == ("diffusion", "encoder") and wide.target == "bf16"
+    assert wide.rules == (r"^model\.diffusion_model\.=bf16,"
+                          r"^text_encoders\.(?!.*(embed_tokens|token_embd|token_embedding))=bf16")
+    assert wide.per_component["diffusion"].memory_type == "BF16"
+    assert plan_weights("auto", q8p, on_cpu=True, wtype=None, kernels=HASWELL, memory=64 * GIB).target == "f16"
+    # measured per CPU module: on sapphirerapids Q8_0 as stored steps as fast as expanded
+    spr = CpuKernels("sapphirerapids", ZEN4.features | {"AMX_INT8"}, ("AMX", "CPU_REPACK"))
+    spr_plan = plan_weights("auto", q8p, on_cpu=True, wtype=None, kernels=spr, memory=64 * GIB)
+    assert spr_plan.components == () and "measured" in spr_plan.reason
+    # Q4_0 runs on the repacked kernels: kept as stored, in their layout
+    kept = plan_weights("auto", q4p, on_cpu=True, wtype=None, kernels=ZEN4, memory=64 * GIB)
+    assert kept.components == () and kept.rules == "" and kept.native_buffers == "CPU_REPACK"
+    assert kept.per_component["diffusion"].kernel == "CPU_REPACK"
+    assert kept.per_component["diffusion"].memory_type == "Q4_0"
+    # ... unless repacking is off: then the plain Q4_0 path is the slow one, and it is expanded
+    plain = plan_weights("auto", q4p, on_cpu=True, wtype=None, repack="none", kernels=ZEN4, memory=64 * GIB)
+    assert plain.components == ("diffusion", "encoder") and plain.native_buffers == ""
+    # a machine too small for the expansion keeps the file's type, and says why
+    small = plan_weights("auto", q8p, on_cpu=True, wtype=None, kernels=ZEN4, memory=2 * GIB)
+    assert small.components == () and "does not fit 2.0 GiB" in small.reason
+    # forced and disabled
+    assert plan_weights("none", q8p, on_cpu=True, wtype=None, kernels=ZEN4).rules == ""
+    assert plan_weights("diffusion", q4p, on_cpu=True, wtype=None, kernels=ZEN4,
+                        target="f16").rules == r"^model\.diffusion_model\.=f16"
+    assert plan_weights("all", q8p, on_cpu=True, wtype="q4_0", kernels=ZEN4).components == ()   # wtype wins
+    assert plan_weights("auto", q8p, on_cpu=False, wtype=None, kernels=ZEN4, memory=64 * GIB).components == ()
+    f16 = plan_weights("auto", _paths(tiny_sets["flux2-klein"]), on_cpu=True, wtype=None, kernels=ZEN4,
+                       memory=64 * GIB)
+    assert f16.components == () and f16.per_component["diffusion"].memory_type == "F16"
 
 
-def test_upcast_reaches_the_engine_and_survives_reload(q8):
+def test_policy_depends_on_total_memory_not_free_memory(q8, monkeypatch):
+    """Same files, settings and machine: the same plan, however much memory is free at load."""
+    import sdcpp_py.weights as w
+    plans = set()
+    for free in (1 * GIB, 20 * GIB):
+        monkeypatch.setattr(w, "available_memory", lambda: free, raising=False)
+        plans.add(w.plan_weights("auto", _paths(q8), on_cpu=True, wtype=None, kernels=ZEN4).rules)
+    assert len(plans) == 1
+    assert w.total_memory() > 0
+
+
+def test_kernel_table_follows_the_cpu():
+    assert ZEN4.kernel_for("Q2_K", "auto") == "CPU_REPACK"          # Q2_K repacks with AVX-512 only
+    assert HASWELL.kernel_for("Q2_K", "auto") is None
+    assert HASWELL.kernel_for("Q4_K", "auto") == "CPU_REPACK"
+    for t in ("Q8_0", "Q5_K", "Q6_K", "Q5_0", "Q4_1", "F16"):
+        assert ZEN4.kernel_for(t, "auto") is None, t
+    assert ZEN4.kernel_for("Q4_0", "none") is None
+    here = cpu_kernels()
+    assert here.variant == sdcpp_py.system_info()["cpu_variant"]
+    assert "CPU_REPACK" in here.buffers
+
+
+@pytest.mark.parametrize("family", ["z-image-turbo", "flux2-klein"])
+def test_repacked_weights_in_the_engine(q4, family):
+    m = q4[family]
+    with Pipeline(**_paths(m), n_threads=2, upcast="none", repack="none") as plain, \
+            Pipeline(**_paths(m), n_threads=2, upcast="none", release_diffusion=True) as packed:
+        a = plain.generate("a lighthouse", width=64, height=64, steps=2, seed=4)
+        b = packed.generate("a lighthouse", width=64, height=64, steps=2, seed=4)
+        assert "CPU_REPACK" not in a.weights["buffers"]["diffusion"]
+        for component in ("diffusion", "encoder"):
+            assert b.weights["buffers"][component]["CPU_REPACK"] > 0, b.weights
+            # the repacked layout of Q4_0 takes the bytes of the stored one
+            assert sum(b.weights["buffers"][component].values()) == sum(a.weights["buffers"][component].values())
+        assert b.weights["per_component"]["diffusion"]["kernel"] == "CPU_REPACK"
+        x, y = a.arrays[0].astype(int), b.arrays[0].astype(int)
+        assert x.std() > 1 and np.abs(x - y).mean() < 1.0 and np.abs(x - y).max() <= 4   # float rounding
+        # released and reloaded (release_diffusion): repacked again, the same pixels
+        packed.release_diffusion_model()
+        c = packed.encode("a lighthouse")
+        again = packed.decode(packed.denoise(c, width=64, height=64, steps=2, seed=4), output_type="np")
+        assert packed.weights["buffers"]["diffusion"]["CPU_REPACK"] > 0
+        assert np.array_equal(again, b.arrays[0])
+
+
+def test_expansion_reaches_the_engine_and_survives_reload(q8):
     kept = Pipeline(**_paths(q8), n_threads=2, upcast="none")
     wide = Pipeline(**_paths(q8), n_threads=2, upcast="all", release_diffusion=True)
     try:
@@ -59,7 +132,10 @@ def test_upcast_reaches_the_engine_and_survives_reload(q8):
         grown = after["encoder"] - before["encoder"]
         assert abs(grown - extra["encoder"]) < 0.02 * extra["encoder"] + 65536, (grown, extra)
         a = kept.generate("a lighthouse", width=64, height=64, steps=2, seed=4).arrays[0].astype(int)
-        b = wide.generate("a lighthouse", width=64, height=64, steps=2, seed=4).arrays[0].astype(int)
+        r = wide.generate("a lighthouse", width=64, height=64, steps=2, seed=4)
+        b = r.arrays[0].astype(int)
+        assert r.weights["components"] == ["diffusion", "encoder"]
+        assert r.weights["per_component"]["diffusion"]["memory_type"] == wide.weight_plan.target.upper()
         grown = wide.weight_bytes["diffusion"] - kept.weight_bytes["diffusion"]
         assert abs(grown - extra["diffusion"]) < 0.02 * extra["diffusion"] + 65536, (grown, extra)
         assert a.std() > 1 and np.abs(a - b).mean() < 3.0   # same weights, other kernels: close
@@ -68,8 +144,12 @@ def test_upcast_reaches_the_engine_and_survives_reload(q8):
         wide.close()
 
 
-def test_bad_upcast_values():
+def test_bad_weight_policy_values():
     with pytest.raises(sdcpp_py.InvalidArgumentError, match="upcast"):
         sdcpp_py.ContextSettings(upcast="bf16")
+    with pytest.raises(sdcpp_py.InvalidArgumentError, match="upcast_type"):
+        sdcpp_py.ContextSettings(upcast_type="q8_0")
+    with pytest.raises(sdcpp_py.InvalidArgumentError, match="repack"):
+        sdcpp_py.ContextSettings(repack="amx")
     with pytest.raises(TypeError, match="tensor_type_rules"):
         sdcpp_py.ContextSettings(tensor_type_rules=["^model=f16"])

@@ -35,6 +35,12 @@ int fail(const std::string& message) {
     return -1;
 }
 
+// A bad argument (shape, count, missing part): the binding raises InvalidArgumentError.
+int fail_argument(const std::string& message) {
+    last_error = message;
+    return -2;
+}
+
 // Runs f, turning any C++ exception into an error code and message.
 template <class F>
 int guarded(const char* what, F&& f) {
@@ -200,7 +206,7 @@ SHIM_API int sdcpp_result_get(const sdcpp_result_t* result, int i, sdcpp_tensor_
     const Entry& e                    = result->entries[i];
     const std::vector<int64_t>& shape = e.is_int32 ? e.i32.shape() : e.f32.shape();
     if (shape.size() > 5) {
-        return fail("tensor has more than 5 dimensions");
+        return fail_argument("tensor has more than 5 dimensions");
     }
     *out          = {};
     out->role     = e.role;
@@ -224,7 +230,7 @@ SHIM_API int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool
                           sdcpp_result_t** out) {
     return guarded("encode", [&]() -> int {
         if (!ready(ctx, params, out)) {
-            return fail("encode: null argument");
+            return fail_argument("encode: null argument");
         }
         if (!encoder_is_loaded(ctx)) {
             return fail("encode: the text encoder is released; reload it first");
@@ -263,7 +269,7 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
                            sdcpp_result_t** out) {
     return guarded("denoise", [&]() -> int {
         if (!ready(ctx, params, out) || condition == nullptr || n_condition <= 0) {
-            return fail("denoise: null argument or empty conditioning");
+            return fail_argument("denoise: null argument or empty conditioning");
         }
         if (!diffusion_is_loaded(ctx)) {
             return fail("denoise: the diffusion model is released; reload it first");
@@ -288,7 +294,7 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
         if (init_latent != nullptr) {
             sd::Tensor<float> given = to_float_tensor(*init_latent);
             if (given.shape() != latents.init_latent.shape()) {
-                return fail("denoise: init latent shape " + sd::tensor_shape_to_string(given.shape()) +
+                return fail_argument("denoise: init latent shape " + sd::tensor_shape_to_string(given.shape()) +
                             " does not match " + sd::tensor_shape_to_string(latents.init_latent.shape()) +
                             " for this size");
             }
@@ -305,7 +311,7 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
             latents.init_latent = std::move(given);
         }
         if (noise != nullptr && n_noise != request.batch_count) {
-            return fail("denoise: give one noise tensor per image of the batch");
+            return fail_argument("denoise: give one noise tensor per image of the batch");
         }
 
         // Step 5 with the caller's conditioning instead of a new encoding.
@@ -313,7 +319,7 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
         ImageGenerationEmbeds embeds;
         embeds.cond = condition_from(condition, n_condition, 0, &has_cond);
         if (!has_cond) {
-            return fail("denoise: the conditioning has no positive part");
+            return fail_argument("denoise: the conditioning has no positive part");
         }
         if (embeds.cond.c_concat.empty()) {
             embeds.cond.c_concat = latents.concat_latent;
@@ -321,7 +327,7 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
         if (request.use_uncond || request.use_high_noise_uncond) {
             embeds.uncond = condition_from(condition, n_condition, 1, &has_uncond);
             if (!has_uncond) {
-                return fail("denoise: cfg_scale != 1 needs a negative conditioning (encode with a negative prompt)");
+                return fail_argument("denoise: cfg_scale != 1 needs a negative conditioning (encode with a negative prompt)");
             }
             if (embeds.uncond.c_concat.empty()) {
                 embeds.uncond.c_concat = latents.uncond_concat_latent;
@@ -343,7 +349,7 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
             if (noise != nullptr) {
                 x_noise = to_float_tensor(noise[b]);
                 if (x_noise.shape() != latents.init_latent.shape()) {
-                    return fail("denoise: noise shape does not match the latent shape");
+                    return fail_argument("denoise: noise shape does not match the latent shape");
                 }
             } else {
                 x_noise = sd::randn_like<float>(latents.init_latent, sd->rng);
@@ -370,12 +376,12 @@ SHIM_API int sdcpp_decode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, cons
                           sd_image_t* out) {
     return guarded("decode", [&]() -> int {
         if (!ready(ctx, params, out) || latent == nullptr) {
-            return fail("decode: null argument");
+            return fail_argument("decode: null argument");
         }
         StableDiffusionGGML* sd = ctx->sd;
         sd::Tensor<float> x     = to_float_tensor(*latent);
         if (x.dim() < 3 || x.shape()[2] != sd->get_latent_channel()) {
-            return fail("decode: latent has " + (x.dim() < 3 ? std::string("too few dimensions") : std::to_string(x.shape()[2]) + " channels") +
+            return fail_argument("decode: latent has " + (x.dim() < 3 ? std::string("too few dimensions") : std::to_string(x.shape()[2]) + " channels") +
                         "; this model's latents have " + std::to_string(sd->get_latent_channel()));
         }
         sd->vae_tiling_params = params->vae_tiling_params;
@@ -396,7 +402,7 @@ SHIM_API int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params
                                 sdcpp_result_t** out) {
     return guarded("encode_image", [&]() -> int {
         if (!ready(ctx, params, out) || image == nullptr || image->data == nullptr) {
-            return fail("encode_image: null argument");
+            return fail_argument("encode_image: null argument");
         }
         StableDiffusionGGML* sd = ctx->sd;
         if (sd->vae_decode_only) {
@@ -450,25 +456,48 @@ bool component_of(sd_ctx_t* ctx, int which, Component* out) {
 // get_param_tensors is not safe after a forward pass (blocks[...] lookups of absent
 // names insert null blocks), and a reload needs the map again.
 using ParamMap = std::map<std::string, ggml_tensor*>;
+struct ContextRecord {
+    std::array<ParamMap, 2> params;
+    std::string weight_buffers;  // extra CPU buffer types its weights may use
+};
 std::mutex registry_mutex;
-std::map<const sd_ctx_t*, std::array<ParamMap, 2>> registry;
+std::map<const sd_ctx_t*, ContextRecord> registry;
 
 ParamMap params_of(sd_ctx_t* ctx, int which) {
     std::lock_guard<std::mutex> lock(registry_mutex);
     auto it = registry.find(ctx);
-    return it == registry.end() ? ParamMap() : it->second[which];
+    return it == registry.end() ? ParamMap() : it->second.params[which];
 }
+
+std::string weight_buffers_of(sd_ctx_t* ctx) {
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    auto it = registry.find(ctx);
+    return it == registry.end() ? std::string() : it->second.weight_buffers;
+}
+
+// The extra CPU buffer types weights are placed in while it lives (vendor/patches/0006).
+struct WeightBuffersScope {
+    std::string saved;
+    explicit WeightBuffersScope(const std::string& value) : saved(sd_cpu_weight_buffers()) {
+        sd_cpu_weight_buffers() = value;
+    }
+    ~WeightBuffersScope() { sd_cpu_weight_buffers() = saved; }
+};
+
 
 }  // namespace
 
 extern std::string sd_preferred_device;  // util.cpp (vendor/patches/0003)
 
-SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, const char* device) {
+SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, const char* device,
+                                  const char* weight_buffers) {
     last_error.clear();
     struct DeviceScope {  // the preferred device holds for this creation only
         explicit DeviceScope(const char* d) { sd_preferred_device = d == nullptr ? "" : d; }
         ~DeviceScope() { sd_preferred_device.clear(); }
     } device_scope(device);
+    const std::string buffers = weight_buffers == nullptr ? "" : weight_buffers;
+    WeightBuffersScope buffers_scope(buffers);
     try {
         sd_deferred_load_prefixes.clear();
         for (int i = 0; i < 2; i++) {
@@ -491,7 +520,7 @@ SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, 
         }
         {
             std::lock_guard<std::mutex> lock(registry_mutex);
-            registry[ctx] = std::move(maps);
+            registry[ctx] = ContextRecord{std::move(maps), buffers};
         }
         for (int i = 0; i < 2; i++) {
             Component c;
@@ -504,7 +533,51 @@ SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, 
         sd_deferred_load_prefixes.clear();
         fail(std::string("new context: ") + e.what());
         return nullptr;
+    } catch (...) {
+        sd_deferred_load_prefixes.clear();
+        fail("new context: unknown C++ exception");
+        return nullptr;
     }
+}
+
+SHIM_API const char* sdcpp_cpu_weight_buffer_types(void) {
+    static std::string names;
+    static std::once_flag once;
+    std::call_once(once, [] {
+        ggml_backend_load_all_once();
+        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        ggml_backend_buffer_type_t* bufts = sd_cpu_extra_bufts(dev);
+        for (ggml_backend_buffer_type_t* b = bufts; b != nullptr && *b != nullptr; b++) {
+            names += (names.empty() ? "" : ",") + std::string(ggml_backend_buft_name(*b));
+        }
+    });
+    return names.c_str();
+}
+
+SHIM_API int sdcpp_component_buffers(sd_ctx_t* ctx, int which, char* out, size_t size) {
+    return guarded("component_buffers", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr || out == nullptr || size == 0) {
+            return fail("component_buffers: null argument");
+        }
+        std::map<std::string, size_t> bytes;
+        Component c;
+        if (!component_of(ctx, which, &c) || c.size() == 0) {  // released: its buffers are gone
+            out[0] = '\0';
+            return 0;
+        }
+        for (const auto& kv : params_of(ctx, which)) {
+            ggml_tensor* t = kv.second;
+            if (t != nullptr && t->buffer != nullptr) {
+                bytes[ggml_backend_buffer_name(t->buffer)] += ggml_backend_buffer_get_alloc_size(t->buffer, t);
+            }
+        }
+        std::string text;
+        for (const auto& kv : bytes) {
+            text += (text.empty() ? "" : ",") + kv.first + "=" + std::to_string(kv.second);
+        }
+        snprintf(out, size, "%s", text.c_str());
+        return text.size() < size ? 0 : fail("component_buffers: output too small");
+    });
 }
 
 SHIM_API void sdcpp_free_ctx(sd_ctx_t* ctx) {
@@ -562,7 +635,9 @@ SHIM_API int sdcpp_component_reload(sd_ctx_t* ctx, int which, const char* path) 
         for (auto& kv : tensors) {
             kv.second->data   = nullptr;
             kv.second->buffer = nullptr;
+            kv.second->extra  = nullptr;
         }
+        WeightBuffersScope buffers_scope(weight_buffers_of(ctx));
         c.alloc();
         if (c.size() == 0) {
             return fail("component_reload: cannot allocate the weights");
@@ -598,7 +673,7 @@ SHIM_API int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower) {
         to->llm = from->llm;  // the borrower's own runner (and its weights) is released here
         std::lock_guard<std::mutex> lock(registry_mutex);
         if (registry.count(owner) && registry.count(borrower)) {
-            registry[borrower][0] = registry[owner][0];
+            registry[borrower].params[0] = registry[owner].params[0];
         }
         LOG_INFO("text encoder shared between two contexts");
         return 0;

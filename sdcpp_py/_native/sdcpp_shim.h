@@ -5,7 +5,8 @@
  * Staged generation: encode (text -> conditioning), denoise (conditioning ->
  * latents), decode (latent -> image) and encode_image (image -> latent), each a
  * call of its own, so one encoding serves many seeds, sizes and step counts.
- * Every entry returns 0 on success or -1 with a message for sdcpp_last_error()
+ * Every entry returns 0 on success, -2 for a bad argument (shape, count, missing
+ * part) or -1 for any other failure, with a message for sdcpp_last_error()
  * (kept per thread); C++ exceptions never cross this boundary. */
 
 /* The sdcpp_py version this library was built for (the Python package checks it). */
@@ -64,8 +65,20 @@ int sdcpp_encode_image(sd_ctx_t* ctx, const sd_img_gen_params_t* params, const s
 /* Contexts. sdcpp_new_ctx is new_sd_ctx that can leave components unloaded
  * (defer_mask: bit 0 the text encoder, bit 1 the diffusion model), to be loaded
  * on demand, and run on a named ggml device ("CPU", "Vulkan0", ...; NULL or ""
- * for the engine's choice); contexts it creates must be freed with sdcpp_free_ctx. */
-sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, const char* device);
+ * for the engine's choice); contexts it creates must be freed with sdcpp_free_ctx.
+ * weight_buffers names the CPU backend's extra buffer types matmul weights may
+ * be placed in (repacked kernels): "" or NULL none, "*" any, or a comma-separated
+ * list of names from sdcpp_cpu_weight_buffer_types(); it holds for reloads too. */
+sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, const char* device,
+                        const char* weight_buffers);
+
+/* The CPU backend's extra buffer types, in the order weights are offered to
+ * them, comma-separated ("AMX,CPU_REPACK"; "" when there are none). */
+const char* sdcpp_cpu_weight_buffer_types(void);
+
+/* A component's resident weight bytes per buffer name, as "CPU=123,CPU_REPACK=456"
+ * written into out (size bytes). */
+int sdcpp_component_buffers(sd_ctx_t* ctx, int component, char* out, size_t size);
 void sdcpp_free_ctx(sd_ctx_t* ctx);
 
 /* Component residency: 0 = text encoder, 1 = diffusion model. A released
