@@ -65,6 +65,8 @@ def check_conditioning(c: Conditioning, family: str, context_dim: Optional[int])
                                        f"({', '.join(_LLM_PARTS)})")
         if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
             raise InvalidArgumentError(f"conditioning part {name!r} must be a float numpy array")
+        if not np.isfinite(array).all():
+            raise InvalidArgumentError(f"conditioning part {name!r} holds NaN or infinite values")
         if not llm_family:
             continue
         shape = array.shape
@@ -89,5 +91,7 @@ def check_latent(latent: Latent, family: str) -> None:
         raise InvalidArgumentError("latent data must be a float numpy array")
     if d.ndim != 4 or d.shape[0] != 1 or d.shape[-1] < 1 or d.shape[-2] < 1:
         raise InvalidArgumentError(f"latent data must have shape (1, C, h, w), got {d.shape}")
+    if not np.isfinite(d).all():
+        raise InvalidArgumentError("latent data holds NaN or infinite values")
     if latent.width % 16 or latent.height % 16 or latent.width * latent.height > MAX_PIXELS:
         raise InvalidArgumentError(f"latent of {latent.width}x{latent.height} pixels is out of range")

@@ -146,4 +146,5 @@ def read_result(result) -> List[Tuple[PartKey, np.ndarray]]:
 def check(rc: int, error_type=SdcppError) -> None:
     """Raise the shim's per-thread message when a call failed."""
     if rc != 0:
-        raise error_type(ffi.string(lib.sdcpp_last_error()).decode() or "native call failed")
+        message = ffi.string(lib.sdcpp_last_error()).decode() or "native call failed"
+        raise (InvalidArgumentError if rc == -2 else error_type)(message)

@@ -1,5 +1,6 @@
 """encode -> denoise -> decode: same pixels as the one-shot call, one encoding for many images."""
 
+import dataclasses
 import gc
 
 import numpy as np
@@ -134,13 +135,44 @@ def test_staged_bad_input(pipelines, family):
     with pytest.raises(IncompatibleModelError, match="belongs to"):
         other.decode(lat)
     wrong = Latent(np.zeros((1, 3, 8, 8), np.float32), lat.family, lat.scale)
-    with pytest.raises(SdcppError, match="channels"):
+    with pytest.raises(InvalidArgumentError, match="channels"):   # the shim's argument errors
         pipe.decode(wrong)
-    with pytest.raises(SdcppError, match="init latent shape"):
+    with pytest.raises(InvalidArgumentError, match="init latent shape"):
         pipe.denoise(cond, width=128, height=64, steps=2, init_latent=lat, strength=0.5)
     with pytest.raises(InvalidArgumentError, match="output_type"):
         pipe.decode(lat, output_type="tensor")
+    with pytest.raises(InvalidArgumentError, match="noise shape"):
+        pipe.denoise(cond, width=64, height=64, steps=1, noise=np.zeros((1, lat.channels, 2, 2), np.float32))
+    # NaN / inf anywhere the caller hands arrays in: refused before the engine runs
+    for bad in (np.nan, np.inf, -np.inf):
+        poisoned = lat.data.copy()
+        poisoned[0, 0, 1, 1] = bad
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            pipe.decode(Latent(poisoned, lat.family, lat.scale))
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            pipe.denoise(cond, width=64, height=64, steps=2, init_latent=Latent(poisoned, lat.family, lat.scale))
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            pipe.denoise(cond, width=64, height=64, steps=1, noise=poisoned)
+        parts = dict(cond.parts)
+        key = next(iter(parts))
+        parts[key] = parts[key].copy()
+        parts[key].flat[3] = bad
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite"):
+            pipe.denoise(dataclasses.replace(cond, parts=parts), width=64, height=64, steps=1)
+    with pytest.raises(InvalidArgumentError, match="NUL"):
+        pipe.encode("a lighthouse\0 and a cat")
+    with pytest.raises(InvalidArgumentError, match="NUL"):
+        pipe.generate("a lighthouse", negative_prompt="blur\0", width=64, height=64, steps=1)
     assert pipe.decode(lat).size == (64, 64)
+
+
+def test_every_public_exception_is_exported():
+    import sdcpp_py
+    from sdcpp_py import errors
+    public = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    public.add("BackendError")
+    assert public <= set(sdcpp_py.__all__) and all(hasattr(sdcpp_py, n) for n in public)
+    assert issubclass(sdcpp_py.BackendError, sdcpp_py.SdcppError)
 
 
 def test_release_encoder_reloads_on_demand(tiny, pipelines, family):
