@@ -51,14 +51,15 @@ class ContextHandle:
         return sum(c.ptr is not None for c in self.group) > 1
 
     def free(self) -> None:
-        ptr, self.ptr = self.ptr, None
+        ptr = self.ptr
         if ptr is None:
             return
-        self.group.discard(self)
-        survivors = [c for c in self.group if c.ptr is not None]
-        self.group = {self}
-        if survivors:
+        survivors = [c for c in self.group if c is not self and c.ptr is not None]
+        if survivors:   # a failed move leaves this handle as it was: nothing freed, nothing leaked
             check(lib.sdcpp_rebind_encoder(survivors[0].ptr))
+        self.ptr = None
+        self.group.discard(self)
+        self.group = {self}
         lib.sdcpp_free_ctx(ptr)
 
 
