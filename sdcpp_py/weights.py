@@ -15,10 +15,12 @@ so the same files and seed give the same pixels on the same machine. The plan,
 and after load the buffers each component really lives in, are reported
 (``Pipeline.weights``, every ``GenerationResult.weights``).
 
-Speeds behind the defaults (benchmarks/README.md, "weight policy"): with repacked
-kernels Q4_0 / Q4_K / IQ4_NL steps are as fast as expanded F16/BF16 ones at under
-half the memory, so they are kept; Q8_0, Q5_K, Q6_K and the legacy types have no
-repacked x86 kernel in ggml 0.9.8 and are expanded where memory allows.
+Speeds behind the defaults (benchmarks/README.md, "weight policy"): a repacked Q4_0
+step measured as fast as an expanded F16/BF16 one at under half the memory, so the
+repackable types are kept (Q4_K and IQ4_NL by the same kernels' standalone matmul
+figures, not yet by a full step); Q8_0, Q5_K, Q6_K and the legacy types have no
+repacked x86 kernel in ggml 0.9.8 and are expanded where memory allows, unless
+``MEASURED`` says otherwise for the CPU module.
 """
 
 from __future__ import annotations
