@@ -8,9 +8,9 @@
 from __future__ import annotations
 
 from ._version import ENGINE_COMMIT, ENGINE_VERSION, __version__
-from .errors import (ClosedError, CorruptModelError, GenerationError, IncompatibleModelError,
-                     InvalidArgumentError, LibraryError, ModelLoadError, ModelNotFoundError, ReentrantCallError,
-                     SdcppError)
+from .errors import (Cancelled, ClosedError, CorruptModelError, EngineCrashed, GenerationError,
+                     IncompatibleModelError, InvalidArgumentError, LibraryError, ModelLoadError, ModelNotFoundError,
+                     ReentrantCallError, SdcppError)
 from .backends import BackendError
 from .pipeline import GenerationResult, Pipeline
 from .presets import FLUX2_KLEIN_4B, PRESETS, Z_IMAGE_TURBO, Preset, get_preset
@@ -25,5 +25,5 @@ __all__ = [
     "SAMPLERS", "SCHEDULERS", "WEIGHT_TYPES", "system_info",
     "SdcppError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "CorruptModelError",
     "IncompatibleModelError", "InvalidArgumentError", "GenerationError", "ClosedError",
-    "ReentrantCallError", "BackendError",
+    "ReentrantCallError", "BackendError", "Cancelled", "EngineCrashed",
 ]

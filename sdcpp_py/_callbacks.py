@@ -3,10 +3,10 @@
 stable-diffusion.cpp keeps one process-wide log callback and one progress
 callback. The log callback is installed once and forwards every line to
 ``logging.getLogger("sdcpp_py")`` (removed at exit). The progress callback is
-installed only for the duration of one call (``progress_scope``) and reset in
-``finally``; an exception raised by the user's callback is kept and re-raised
-once the native call has returned and its results are freed. ``native_calls``
-serialises engine calls and refuses re-entry from a callback.
+installed only for the duration of one call (``progress_scope``, on the engine
+thread) and reset in ``finally``; an exception raised by the user's callback stops
+the call (the engine's abort flag), is kept, and is re-raised once the native
+call has returned and its results are freed.
 """
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import threading
 from typing import Callable, Iterator, List, Optional, Union
 
 from ._ffi import ffi, lib
-from .errors import ReentrantCallError
 
 logger = logging.getLogger("sdcpp_py")
 logger.addHandler(logging.NullHandler())
@@ -76,6 +74,8 @@ atexit.register(_remove_log)
 
 
 class _ProgressState:
+    current: Optional["_ProgressState"] = None     # the state of the call running now
+
     def __init__(self, fn: ProgressFn) -> None:
         self.fn = fn
         self.error: Optional[BaseException] = None
@@ -87,52 +87,30 @@ class _ProgressState:
             raise error
 
 
-@ffi.callback("void(int, int, float, void*)")
+def _progress_error(exc_type, exc, tb) -> None:
+    """An exception that escaped ``_on_progress`` itself (a KeyboardInterrupt at its first line)."""
+    _stop_call(exc)
+
+
+def _stop_call(error: BaseException) -> None:
+    lib.sdcpp_cancel()     # the running call stops within the graph it computes
+    if _ProgressState.current is not None and _ProgressState.current.error is None:
+        _ProgressState.current.error = error
+
+
+@ffi.callback("void(int, int, float, void*)", onerror=_progress_error)
 def _on_progress(step: int, steps: int, seconds: float, data) -> None:
     state: _ProgressState = ffi.from_handle(data)
     if state.error is not None:
         return
     try:
         state.fn(step, steps, seconds)
-    except BaseException as e:  # kept and re-raised after the native call returns
-        state.error = e
+    except BaseException as e:  # the call stops; re-raised after the native call returns
+        _stop_call(e)
 
 
 def _ignore_progress(step: int, steps: int, seconds: float) -> None:
     pass
-
-
-class NativeCalls:
-    """One engine call at a time in the process (the progress callback is process-wide).
-
-    Other threads wait their turn; a call from inside a call on the same thread (a
-    progress callback calling back into a pipeline, closing it or releasing its
-    weights while the engine still uses them) raises ReentrantCallError instead.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    @property
-    def active(self) -> bool:
-        """Whether this thread is inside an engine call."""
-        return getattr(self._local, "active", False)
-
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        if self.active:
-            raise ReentrantCallError("the engine is busy with a call on this thread: a progress callback "
-                                     "must not call into (or close) a pipeline")
-        with self._lock:
-            self._local.active = True
-            try:
-                yield
-            finally:
-                self._local.active = False
-
-
-native_calls = NativeCalls()
 
 
 class TqdmProgress:
@@ -162,8 +140,8 @@ def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[_ProgressState
     """Route the engine's progress to ``fn`` for the duration of the block.
 
     Without ``fn`` a silent callback is installed anyway (the engine would
-    otherwise print progress bars on stdout). The caller must hold
-    ``native_calls``. An exception the callback raised is kept in the yielded
+    otherwise print progress bars on stdout). Runs on the engine thread. An
+    exception the callback raised stops the call and is kept in the yielded
     state's ``error``: the caller frees what the native call returned, then
     raises it (``state.raise_error()``).
     """
@@ -175,11 +153,13 @@ def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[_ProgressState
         raise TypeError("progress must be a callable(step, steps, seconds), True for a tqdm bar, or None")
     state = _ProgressState(fn)
     handle = ffi.new_handle(state)
+    _ProgressState.current = state
     lib.sd_set_progress_callback(_on_progress, handle)
     try:
         yield state
     finally:
         lib.sd_set_progress_callback(ffi.NULL, ffi.NULL)
+        _ProgressState.current = None
         if isinstance(fn, TqdmProgress):
             fn.close()
 

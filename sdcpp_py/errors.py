@@ -41,3 +41,11 @@ class ClosedError(SdcppError, RuntimeError):
 
 class ReentrantCallError(SdcppError, RuntimeError):
     """An engine call was made from inside another one (e.g. from a progress callback)."""
+
+
+class Cancelled(SdcppError):
+    """The call was stopped by ``Pipeline.cancel()``, a cancel token, or a progress callback's exception."""
+
+
+class EngineCrashed(SdcppError):
+    """The engine's worker process died (isolated mode); the next call starts a new one."""

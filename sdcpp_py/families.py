@@ -42,6 +42,7 @@ class Components:
     llm_layers: Optional[int] = None
     vae_channels: Optional[int] = None
     llm_vocab: Optional[int] = None
+    vae_has_encoder: bool = True            # False: a decode-only VAE file (text-to-image only)
 
     @property
     def llm_output_dim(self) -> Optional[int]:
@@ -109,7 +110,8 @@ def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[
     llm_hidden, llm_layers, llm_vocab = _llm_sizes(enc) if enc is not None else (None, None, None)
     vae_file = files.get("vae") or files.get("model")
     vae_ch = _vae_channels(vae_file) if vae_file is not None else None
-    found = Components(family, hidden, context_dim, llm_hidden, llm_layers, vae_ch, llm_vocab)
+    vae_encoder = vae_file is not None and vae_file.find("encoder.conv_in.weight") is not None
+    found = Components(family, hidden, context_dim, llm_hidden, llm_layers, vae_ch, llm_vocab, vae_encoder)
     if family in (FLUX2_KLEIN, FLUX2_DEV) and hidden % FLUX2_HEAD_DIM:
         raise IncompatibleModelError(f"{dit.path}: FLUX.2 DiT width {hidden} is not a multiple of the "
                                      f"engine's head size {FLUX2_HEAD_DIM}")

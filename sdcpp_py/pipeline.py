@@ -14,24 +14,26 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from . import backends
-from ._callbacks import ProgressFn, capture, native_calls, progress_scope
+from ._callbacks import ProgressFn
+from ._engine_thread import CancelToken
 from ._ffi import ffi, lib
-from ._images import ImageLike, as_pil, fill_image, to_pil
+from ._images import ImageLike, as_pil, fill_image
 from .cache import EncodingCache
 from .checks import check_conditioning, check_latent, check_ref_images, check_schedule
-from .errors import ClosedError, GenerationError, IncompatibleModelError, InvalidArgumentError, ModelLoadError
+from .engine import Engine
+from .errors import ClosedError, IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .presets import Preset, get_preset, preset_for_family
+from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, SHARED_SETTINGS
 from .settings import ContextSettings, GenerationSettings, resolve_seed
+from .staged import Conditioning, Latent
 from .weights import WeightPlan, parse_buffers, plan_weights
-from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle, Residency, file_stamp
-from .staged import Conditioning, Latent, TensorViews, check, read_result
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = Union[str, Path]
@@ -58,7 +60,7 @@ class GenerationResult:
         return [np.asarray(im) for im in self.images]
 
 
-class Pipeline(Residency):
+class Pipeline:
     """Models loaded once into one engine context, generating as often as asked.
 
     Give the components of a split model (``diffusion_model``, ``llm``, ``vae``)
@@ -66,6 +68,11 @@ class Pipeline(Residency):
     (missing, corrupt, wrong VAE, wrong text encoder width raise ModelLoadError
     subclasses). ``preset`` supplies generation defaults; by default it follows
     the detected family. ``cache_size`` bounds the prompt-encoding cache.
+
+    Threads: a pipeline may be shared. Engine calls of all pipelines of the process
+    run one at a time on one engine thread, each public call's residency checks and
+    engine call in one hold; ``cancel()`` (any thread), a ``cancel=`` token
+    (``threading.Event``) and Ctrl-C stop a call within the graph it computes.
     """
 
     def __init__(self, *, model: Optional[PathLike] = None, diffusion_model: Optional[PathLike] = None,
@@ -73,7 +80,6 @@ class Pipeline(Residency):
                  settings: Optional[ContextSettings] = None, preset: Union[str, Preset, None] = None,
                  cache_size: int = 16, share_encoder_with: Optional["Pipeline"] = None,
                  **settings_kwargs: Any) -> None:
-        self._handle: Optional[ContextHandle] = None
         if settings is not None and settings_kwargs:
             raise TypeError("give settings= or setting keywords, not both")
         self.settings = settings if settings is not None else ContextSettings(**settings_kwargs)
@@ -86,7 +92,8 @@ class Pipeline(Residency):
         self.encodings = EncodingCache(cache_size)
         self.load_count = 0
         self.load_seconds = 0.0
-        self._stamps = {ENCODER: file_stamp(self.paths["llm"]), DIFFUSION: file_stamp(self.paths["diffusion_model"])}
+        self._engine = Engine(self.paths, release_encoder=self.settings.release_encoder,
+                              release_diffusion=self.settings.release_diffusion)
         if share_encoder_with is None:
             self._load()
         else:
@@ -116,17 +123,12 @@ class Pipeline(Residency):
         if rules:
             keep.append(ffi.new("char[]", rules.encode()))
             params.tensor_type_rules = keep[-1]
+        params.vae_decode_only = not self.components.vae_has_encoder
         logger.info("weights: %s", self.weight_plan.reason)
-        start = time.perf_counter()
-        with native_calls.hold(), capture() as log, progress_scope(None):
-            ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in deferred), (device or "").encode(),
-                                    self.weight_plan.native_buffers.encode())
-        self.load_seconds = time.perf_counter() - start
-        if ctx == ffi.NULL:
-            raise ModelLoadError("stable-diffusion.cpp could not create a context"
-                                 + (f":\n{log.errors()}" if log.errors() else ""))
-        self._handle = ContextHandle(ctx)
-        weakref.finalize(self, self._handle.free)   # a pipeline dropped without close() frees it too
+        self._engine.open(params, keep, defer_mask=sum(1 << c for c in deferred), device=device or "",
+                          weight_buffers=self.weight_plan.native_buffers)
+        weakref.finalize(self, self._engine.close_later)   # dropped without close(): freed on the engine thread
+        self.load_seconds = self._engine.load_seconds
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
@@ -141,12 +143,8 @@ class Pipeline(Residency):
         (``{"CPU": ..., "CPU_REPACK": ...}``; empty while released)."""
         out = self.weight_plan.to_dict()
         out["cpu_variant"] = backends.load() if self.device == "CPU" else None
-        buffers = {}
-        for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER)):
-            text = ffi.new("char[]", 1024)
-            check(self._query(lib.sdcpp_component_buffers, component, text, 1024))
-            buffers[name] = parse_buffers(ffi.string(text).decode())
-        out["buffers"] = buffers
+        out["buffers"] = {name: parse_buffers(self._engine.buffers(component))
+                          for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER))}
         return out
 
     def _resolve_device(self) -> Optional[str]:
@@ -157,19 +155,22 @@ class Pipeline(Residency):
         return device
 
     def close(self) -> None:
-        """Free the models. Safe to call more than once (not from a progress callback)."""
-        with native_calls.hold():
-            if self._handle is not None:
-                self._handle.free()
+        """Free the models, after the calls already running or waiting (theirs finish first).
 
-    @property
-    def _ctx(self):
-        """The native context, or None once closed."""
-        return self._handle.ptr if self._handle is not None else None
+        Safe to call more than once, from any thread but a progress callback. To stop
+        a running generation instead of waiting for it, ``cancel()`` first."""
+        self._engine.close()
+
+    def cancel(self) -> None:
+        """Stop this pipeline's calls begun so far, from any thread: the running one within
+        the graph it computes (CPU: after the current graph node), waiting ones before
+        they start. Each raises :class:`Cancelled`; the pipeline stays usable and later
+        calls run as usual."""
+        self._engine.cancel()
 
     @property
     def closed(self) -> bool:
-        return self._ctx is None
+        return self._engine.closed
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -177,31 +178,60 @@ class Pipeline(Residency):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _require_open(self):
-        if self._ctx is None:
+    def _require_open(self) -> None:
+        if self._engine.closed:
             raise ClosedError("this Pipeline is closed")
-        return self._ctx
 
-    def _native(self, fn, *args, progress: Optional[ProgressFn] = None, error=GenerationError,
-                cleanup: Optional[Callable[[], None]] = None) -> float:
-        """Run one shim call on this context, one engine call at a time, progress routed.
+    # -- residency ---------------------------------------------------------------------------
+    @property
+    def encoder_loaded(self) -> bool:
+        return self._engine.loaded(ENCODER)
 
-        Returns its seconds. When the progress callback raised, ``cleanup`` frees what
-        the call returned before the callback's exception is raised."""
-        start = time.perf_counter()
-        with native_calls.hold(), progress_scope(progress) as state:
-            rc = fn(self._require_open(), *args)
-        if state.error is not None:
-            if rc == 0 and cleanup is not None:
-                cleanup()
-            state.raise_error()
-        check(rc, error)
-        return time.perf_counter() - start
+    @property
+    def diffusion_loaded(self) -> bool:
+        return self._engine.loaded(DIFFUSION)
 
-    def _query(self, fn, *args):
-        """A quick engine read on this context (no progress, no timing)."""
-        with native_calls.hold():
-            return fn(self._require_open(), *args)
+    @property
+    def weight_bytes(self) -> Dict[str, int]:
+        """Bytes of weights resident now, per component (0 while released)."""
+        return self._engine.weight_bytes()
+
+    def release_encoder(self) -> None:
+        """Free the text encoder's weights (reloaded from its file when next needed)."""
+        self._release(ENCODER)
+
+    def release_diffusion_model(self) -> None:
+        """Free the diffusion model's weights (reloaded from its file when next needed)."""
+        self._release(DIFFUSION)
+
+    def _release(self, component: int) -> None:
+        if self.paths[COMPONENT_FILE[component]] is None:
+            raise InvalidArgumentError(f"the {COMPONENT_NAME[component]} can be released only when it comes "
+                                       f"from a file of its own ({COMPONENT_FILE[component]}=...)")
+        self._engine.release(component)
+
+    @property
+    def shares_encoder(self) -> bool:
+        return self._engine.sharing
+
+    def _load_sharing_encoder(self, other: "Pipeline") -> None:
+        """Load everything but the text encoder, then borrow ``other``'s (one copy in memory,
+        loaded once)."""
+        if not isinstance(other, Pipeline):
+            raise TypeError(f"share_encoder_with must be a Pipeline, not {type(other).__name__}")
+        other._require_open()
+        if other.encoder_id != self.encoder_id or self.paths["llm"] is None:
+            raise IncompatibleModelError("only pipelines loading the same text encoder file (llm=...) can share it")
+        if self.components.llm_hidden is None or other.components.llm_hidden is None:
+            raise IncompatibleModelError("encoder sharing needs LLM-conditioned models (Z-Image, FLUX.2)")
+        differ = [n for n in SHARED_SETTINGS if getattr(self.settings, n) != getattr(other.settings, n)]
+        self._resolve_device()
+        if self.device != other.device:
+            differ.append("device")
+        if differ:
+            raise IncompatibleModelError(f"pipelines sharing a text encoder need the same {', '.join(differ)}")
+        self._load(defer_encoder=True)
+        self._engine.borrow_encoder(other._engine)
 
     # -- settings ----------------------------------------------------------------------------
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
@@ -216,16 +246,9 @@ class Pipeline(Residency):
         return s
 
     def _with_engine_defaults(self, s: GenerationSettings) -> GenerationSettings:
-        sampler = s.sampler
-        if sampler is None:
-            method = self._query(lib.sd_get_default_sample_method)
-            sampler = ffi.string(lib.sd_sample_method_name(method)).decode()
-        else:
-            method = lib.str_to_sample_method(sampler.encode())
-        scheduler = s.scheduler
-        if scheduler is None:
-            scheduler = ffi.string(lib.sd_scheduler_name(self._query(lib.sd_get_default_scheduler, method))).decode()
-        return GenerationSettings(**{**s.to_dict(), "sampler": sampler, "scheduler": scheduler})
+        sampler, method = self._engine.default_sampler(s.sampler)
+        scheduler = s.scheduler if s.scheduler is not None else self._engine.default_scheduler(method)
+        return GenerationSettings(**{**s.to_dict(), "sampler": s.sampler or sampler, "scheduler": scheduler})
 
     # -- one-shot generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, negative_prompt: str = "", width: Optional[int] = None,
@@ -235,54 +258,39 @@ class Pipeline(Residency):
                  flow_shift: Optional[float] = None, guidance: Optional[float] = None,
                  sigmas: Optional[Sequence[float]] = None, init_image: Optional[ImageLike] = None,
                  strength: Optional[float] = None, ref_images: Sequence[ImageLike] = (),
-                 progress: Optional[ProgressFn] = None) -> GenerationResult:
+                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> GenerationResult:
         """Text (and optionally an init image, or reference images) to image in one call.
 
         Unset arguments take the preset's defaults; ``seed=None`` draws a random
-        63-bit seed, reported in the result.
+        63-bit seed, reported in the result. ``cancel``: a ``threading.Event`` that
+        stops the call when set (it raises :class:`Cancelled`).
         """
         s = self.settings_for(prompt, negative_prompt=negative_prompt, width=width, height=height,
                               steps=steps, cfg_scale=cfg_scale, sampler=sampler, scheduler=scheduler,
                               seed=seed, batch_count=batch_count, flow_shift=flow_shift, guidance=guidance,
                               sigmas=sigmas, strength=strength)
-        return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress)
+        return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress, cancel=cancel)
 
     __call__ = generate
 
     def generate_with(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
-                      ref_images: Sequence[ImageLike] = (),
-                      progress: Optional[ProgressFn] = None) -> GenerationResult:
+                      ref_images: Sequence[ImageLike] = (), progress: Optional[ProgressFn] = None,
+                      cancel: Optional[CancelToken] = None) -> GenerationResult:
         """Generate with fully specified settings (upstream's generate_image).
 
         With ``release_diffusion`` the same steps run as staged calls (same pixels),
         so the text encoder and the diffusion model are never loaded together."""
         self._require_open()
-        if s.sampler is None or s.scheduler is None:
-            s = self._with_engine_defaults(s)
-        check_schedule(s, self.family)
-        if self.settings.release_diffusion:
-            return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress)
-        params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
-        self._ensure(ENCODER)
-        self._ensure(DIFFUSION)
-        start = time.perf_counter()
-        with native_calls.hold(), capture() as log, progress_scope(progress) as state:
-            images = lib.generate_image(self._require_open(), params)
-        seconds = time.perf_counter() - start
-        del keep
-        self._after_encoding()
-        if images == ffi.NULL:
-            state.raise_error()
-            raise GenerationError("generation failed" + (f":\n{log.errors()}" if log.errors() else ""))
-        try:
-            out = [to_pil(images[i]) for i in range(s.batch_count)]
-        finally:
-            for i in range(s.batch_count):
-                if images[i].data != ffi.NULL:
-                    lib.free(images[i].data)
-            lib.free(images)
-        state.raise_error()
-        return GenerationResult(out, s, s.seeds(), {"generate_s": seconds}, self.weights)
+        self._check_vae_encoder(init_image, ref_images)
+        with self._engine.operation(cancel):
+            if s.sampler is None or s.scheduler is None:
+                s = self._with_engine_defaults(s)
+            check_schedule(s, self.family)
+            if self.settings.release_diffusion:
+                return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress)
+            params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
+            images, seconds = self._engine.generate(params, keep, s.batch_count, progress=progress, token=cancel)
+            return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self.weights)
 
     def _generate_staged(self, s: GenerationSettings, *, init_image: Optional[ImageLike],
                          ref_images: Sequence[ImageLike], progress: Optional[ProgressFn]) -> GenerationResult:
@@ -322,7 +330,7 @@ class Pipeline(Residency):
 
     # -- staged generation -------------------------------------------------------------------
     def encode(self, prompt: str, negative_prompt: Optional[str] = None, *,
-               use_cache: bool = True) -> Conditioning:
+               use_cache: bool = True, cancel: Optional[CancelToken] = None) -> Conditioning:
         """Encode a prompt (and, if given, a negative prompt) once for many denoise() calls.
 
         A negative encoding is needed for ``cfg_scale != 1``; pass ``negative_prompt=""``
@@ -337,14 +345,8 @@ class Pipeline(Residency):
                 return hit
         s = GenerationSettings(prompt=prompt, negative_prompt=negative_prompt or "")
         params, keep = self._params(s)
-        self._ensure_encoder()
-        out = ffi.new("sdcpp_result_t**")
-        seconds = self._native(lib.sdcpp_encode, params, negative_prompt is not None, out,
-                               cleanup=lambda: lib.sdcpp_result_free(out[0]))
-        del keep
-        cond = Conditioning(dict(read_result(out[0])), self.family, self.encoder_id, prompt,
-                            negative_prompt, seconds)
-        self._after_encoding()
+        parts, seconds = self._engine.encode(params, keep, negative_prompt is not None, token=cancel)
+        cond = Conditioning(dict(parts), self.family, self.encoder_id, prompt, negative_prompt, seconds)
         if use_cache:
             self.encodings.put(key, cond)
         return cond
@@ -355,68 +357,57 @@ class Pipeline(Residency):
                 guidance: Optional[float] = None, sigmas: Optional[Sequence[float]] = None,
                 init_latent: Optional[Latent] = None, strength: Optional[float] = None,
                 noise: Optional[np.ndarray] = None, ref_images: Sequence[ImageLike] = (),
-                progress: Optional[ProgressFn] = None) -> Latent:
+                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Latent:
         """Sample one latent from a conditioning, as generate() samples it for the same seed."""
         self._check_conditioning(conditioning)
+        self._check_vae_encoder(None, ref_images)
         if init_latent is not None:
             self._check_latent(init_latent)
             width, height = width or init_latent.width, height or init_latent.height
-        s = self.settings_for(conditioning.prompt, negative_prompt=conditioning.negative_prompt or "",
-                              width=width, height=height, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                              scheduler=scheduler, seed=seed, flow_shift=flow_shift, guidance=guidance,
-                              sigmas=sigmas, strength=strength)
-        if s.cfg_scale != 1.0 and not conditioning.has_negative:
-            raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: encode(prompt, negative_prompt='')")
-        params, keep = self._params(s, ref_images=ref_images)
-        self._ensure(DIFFUSION)
-        cond = TensorViews(list(conditioning.parts.items()))
-        init = TensorViews([((0, "latent", 0), init_latent.data)]) if init_latent is not None else None
-        if noise is not None:
-            noise = np.asarray(noise)
-            if noise.dtype.kind != "f":
-                raise TypeError("noise must be a float array")
-            if not np.isfinite(noise).all():
-                raise InvalidArgumentError("noise holds NaN or infinite values")
-        noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
-        out = ffi.new("sdcpp_result_t**")
-        seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
-                               init.first if init else ffi.NULL,
-                               noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
-                               progress=progress, cleanup=lambda: lib.sdcpp_result_free(out[0]))
-        del keep
-        (_, data), = read_result(out[0])
+        with self._engine.operation(cancel):
+            s = self.settings_for(conditioning.prompt, negative_prompt=conditioning.negative_prompt or "",
+                                  width=width, height=height, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                                  scheduler=scheduler, seed=seed, flow_shift=flow_shift, guidance=guidance,
+                                  sigmas=sigmas, strength=strength)
+            if s.cfg_scale != 1.0 and not conditioning.has_negative:
+                raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: "
+                                           "encode(prompt, negative_prompt='')")
+            params, keep = self._params(s, ref_images=ref_images)
+            if noise is not None:
+                noise = np.asarray(noise)
+                if noise.dtype.kind != "f":
+                    raise TypeError("noise must be a float array")
+                if not np.isfinite(noise).all():
+                    raise InvalidArgumentError("noise holds NaN or infinite values")
+            data, seconds = self._engine.denoise(params, keep, list(conditioning.parts.items()),
+                                                 init_latent.data if init_latent is not None else None, noise,
+                                                 progress=progress, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
                       {"settings": s, "denoise_s": seconds})
 
-    def decode(self, latent: Latent, *, output_type: str = "pil") -> Union[Image.Image, np.ndarray]:
+    def decode(self, latent: Latent, *, output_type: str = "pil",
+               cancel: Optional[CancelToken] = None) -> Union[Image.Image, np.ndarray]:
         """Latent to image: a PIL image, or with ``output_type="np"`` a uint8 array (H, W, 3)."""
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError("output_type must be 'pil' or 'np'")
         self._check_latent(latent)
         s = GenerationSettings(prompt="", width=latent.width, height=latent.height)
         params, keep = self._params(s)
-        view = TensorViews([((0, "latent", 0), latent.data)])
-        image = ffi.new("sd_image_t*")
-        self._native(lib.sdcpp_decode, params, view.first, image, cleanup=lambda: lib.free(image.data))
-        try:
-            pil = to_pil(image[0])
-        finally:
-            lib.free(image.data)
+        pil = self._engine.decode(params, keep, latent.data, token=cancel)
         return pil if output_type == "pil" else np.asarray(pil)
 
     def encode_image(self, image: ImageLike, *, seed: int = 0, width: Optional[int] = None,
-                     height: Optional[int] = None) -> Latent:
+                     height: Optional[int] = None, cancel: Optional[CancelToken] = None) -> Latent:
         """Image to latent (the VAE encoder), seeded as generate() seeds an init image's encoding."""
         pil = as_pil(image)
+        self._check_vae_encoder(pil, ())
         s = GenerationSettings(prompt="", width=width or pil.width, height=height or pil.height,
                                seed=resolve_seed(seed))
         params, keep = self._params(s)
         sd_image = ffi.new("sd_image_t*")
         keep.append(fill_image(sd_image[0], pil))
-        out = ffi.new("sdcpp_result_t**")
-        self._native(lib.sdcpp_encode_image, params, sd_image, out, cleanup=lambda: lib.sdcpp_result_free(out[0]))
-        del keep
-        (_, data), = read_result(out[0])
+        keep.append(sd_image)
+        data = self._engine.encode_image(params, keep, sd_image, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
 
     def sweep(self, prompt: str, **grid: Any):
@@ -436,6 +427,12 @@ class Pipeline(Residency):
 
     def _check_latent(self, latent: Latent) -> None:
         check_latent(latent, self.family)
+
+    def _check_vae_encoder(self, init_image: Optional[ImageLike], ref_images: Sequence[ImageLike]) -> None:
+        if not self.components.vae_has_encoder and (init_image is not None or ref_images):
+            what = "an init image (img2img)" if init_image is not None else "reference images"
+            raise InvalidArgumentError(f"{what} needs the VAE encoder, and {self.paths['vae'] or self.paths['model']} "
+                                       "is a decode-only VAE: give a VAE file with encoder weights")
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

@@ -2,8 +2,8 @@
 
 A :class:`Conditioning` is a text encoding (numpy arrays, the family and the
 encoder that made it); a :class:`Latent` is a denoised (or VAE-encoded) latent.
-Both cross the FFI as ``sdcpp_tensor_t`` views: the library copies what it is
-given and Python copies what it gets back, so no pointer outlives a call.
+Both cross the FFI as ``sdcpp_tensor_t`` views (``_marshal``): the library copies
+what it is given and Python copies what it gets back, so no pointer outlives a call.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from ._ffi import ffi, lib
-from .errors import InvalidArgumentError, SdcppError
+from .errors import SdcppError
 
 PartKey = Tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
 POSITIVE, NEGATIVE = 0, 1
@@ -95,56 +94,3 @@ class Latent:
     @property
     def height(self) -> int:
         return int(self.data.shape[-2]) * self.scale
-
-
-# -- crossing the FFI ---------------------------------------------------------------------------
-class TensorViews:
-    """``sdcpp_tensor_t`` views over numpy arrays, alive as long as this object."""
-
-    def __init__(self, items: List[Tuple[PartKey, np.ndarray]]) -> None:
-        self.arrays = []
-        self.names = []
-        self.views = ffi.new("sdcpp_tensor_t[]", max(len(items), 1))
-        self.count = len(items)
-        for i, ((role, part, index), array) in enumerate(items):
-            is_int = array.dtype.kind in "iu"
-            a = np.ascontiguousarray(array, dtype=np.int32 if is_int else np.float32)
-            if not 1 <= a.ndim <= 5:
-                raise InvalidArgumentError(f"{part}: arrays of 1 to 5 dimensions expected, got {a.ndim}")
-            name = ffi.new("char[]", part.encode())
-            v = self.views[i]
-            v.role, v.part, v.index, v.is_int32, v.ndim = role, name, index, int(is_int), a.ndim
-            for d, n in enumerate(reversed(a.shape)):
-                v.ne[d] = n
-            v.data = ffi.from_buffer(a)
-            self.arrays.append(a)
-            self.names.append(name)
-
-    @property
-    def first(self):
-        return self.views if self.count else ffi.NULL
-
-
-def read_result(result) -> List[Tuple[PartKey, np.ndarray]]:
-    """Copy every tensor of an ``sdcpp_result_t*`` into numpy, then free it."""
-    try:
-        out = []
-        view = ffi.new("sdcpp_tensor_t*")
-        for i in range(lib.sdcpp_result_count(result)):
-            if lib.sdcpp_result_get(result, i, view) != 0:
-                raise SdcppError(ffi.string(lib.sdcpp_last_error()).decode())
-            shape = tuple(reversed([view.ne[d] for d in range(view.ndim)]))
-            dtype = np.int32 if view.is_int32 else np.float32
-            count = int(np.prod(shape))
-            a = np.frombuffer(ffi.buffer(view.data, count * 4), dtype=dtype).reshape(shape).copy()
-            out.append(((view.role, ffi.string(view.part).decode(), view.index), a))
-        return out
-    finally:
-        lib.sdcpp_result_free(result)
-
-
-def check(rc: int, error_type=SdcppError) -> None:
-    """Raise the shim's per-thread message when a call failed."""
-    if rc != 0:
-        message = ffi.string(lib.sdcpp_last_error()).decode() or "native call failed"
-        raise (InvalidArgumentError if rc == -2 else error_type)(message)

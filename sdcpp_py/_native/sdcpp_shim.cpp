@@ -41,12 +41,20 @@ int fail_argument(const std::string& message) {
     return -2;
 }
 
-// Runs f, turning any C++ exception into an error code and message.
+// The call was stopped by sdcpp_cancel (the binding raises Cancelled).
+int fail_cancelled(const char* what) {
+    last_error = std::string(what) + ": cancelled";
+    return -3;
+}
+
+// Runs f, turning any C++ exception into an error code and message; a call the
+// cancel request stopped returns -3 whatever the engine reported.
 template <class F>
 int guarded(const char* what, F&& f) {
     last_error.clear();
     try {
-        return f();
+        int rc = f();
+        return rc != 0 && sd_compute_cancelled() ? fail_cancelled(what) : rc;
     } catch (const std::exception& e) {
         return fail(std::string(what) + ": " + e.what());
     } catch (...) {
@@ -251,13 +259,28 @@ SHIM_API int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool
 
         int64_t t0  = ggml_time_ms();
         auto result = std::make_unique<sdcpp_result>();
-        add_condition(result->entries, 0, sd->cond_stage_model->get_learned_condition(sd->n_threads, cp));
+        SDCondition positive = sd->cond_stage_model->get_learned_condition(sd->n_threads, cp);
+        if (sd_compute_cancelled()) {
+            return fail_cancelled("encode");
+        }
+        if (positive.c_crossattn.empty() && positive.c_vector.empty()) {
+            return fail("encode: the text encoder failed (see the log)");
+        }
+        add_condition(result->entries, 0, positive);
         if (with_negative) {
             cp.text            = request.negative_prompt;
             cp.zero_out_masked = sd_version_is_sdxl(sd->version) && request.negative_prompt.empty() &&
                                  !sd->is_using_edm_v_parameterization;
-            add_condition(result->entries, 1, sd->cond_stage_model->get_learned_condition(sd->n_threads, cp));
+            SDCondition negative = sd->cond_stage_model->get_learned_condition(sd->n_threads, cp);
+            if (sd_compute_cancelled()) {
+                return fail_cancelled("encode");
+            }
+            if (negative.c_crossattn.empty() && negative.c_vector.empty()) {
+                return fail("encode: the text encoder failed on the negative prompt (see the log)");
+            }
+            add_condition(result->entries, 1, negative);
         }
+
         LOG_INFO("get_learned_condition completed, taking %.2fs", (ggml_time_ms() - t0) * 1.0f / 1000);
         return deliver(std::move(result), out);
     });
@@ -708,4 +731,45 @@ SHIM_API int sdcpp_rebind_encoder(sd_ctx_t* ctx) {
         runner->*RunnerBackends::runtime() = backend;
         return 0;
     });
+}
+
+// -- cancellation (vendor/patches/0007) ------------------------------------------------
+
+SHIM_API void sdcpp_cancel(void) {
+    sd_cancel_flag().store(1);
+}
+
+SHIM_API void sdcpp_cancel_clear(void) {
+    sd_cancel_flag().store(0);
+}
+
+SHIM_API bool sdcpp_cancel_requested(void) {
+    return sd_compute_cancelled();
+}
+
+SHIM_API int64_t sdcpp_aborted_computes(void) {
+    return sd_aborted_computes().load();
+}
+
+SHIM_API int sdcpp_generate(sd_ctx_t* ctx, const sd_img_gen_params_t* params, sd_image_t** out) {
+    return guarded("generate", [&]() -> int {
+        if (!ready(ctx, params, out)) {
+            return fail_argument("generate: null argument");
+        }
+        *out = generate_image(ctx, params);
+        if (*out != nullptr && sd_compute_cancelled()) {  // stopped after its last compute
+            for (int i = 0; i < params->batch_count; i++) {
+                free((*out)[i].data);
+            }
+            free(*out);
+            *out = nullptr;
+        }
+        return *out == nullptr ? fail("generate: generation failed (see the log)") : 0;
+    });
+}
+
+SHIM_API void sdcpp_test_abort(void) {
+    fprintf(stderr, "sdcpp_test_abort: aborting on request (a test of crash isolation)\n");
+    fflush(stderr);
+    abort();
 }

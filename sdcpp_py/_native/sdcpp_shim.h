@@ -6,7 +6,7 @@
  * latents), decode (latent -> image) and encode_image (image -> latent), each a
  * call of its own, so one encoding serves many seeds, sizes and step counts.
  * Every entry returns 0 on success, -2 for a bad argument (shape, count, missing
- * part) or -1 for any other failure, with a message for sdcpp_last_error()
+ * part), -3 when sdcpp_cancel stopped it, or -1 for any other failure, with a message for sdcpp_last_error()
  * (kept per thread); C++ exceptions never cross this boundary. */
 
 /* The sdcpp_py version this library was built for (the Python package checks it). */
@@ -99,3 +99,20 @@ int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower);
  * context that stays open before freeing another member of a sharing group:
  * the encoder must not run on a freed context's backend. */
 int sdcpp_rebind_encoder(sd_ctx_t* ctx);
+
+/* Cancellation, process-wide: sdcpp_cancel (any thread, any time) stops the
+ * running call within the graph computation it is in (CPU: after the current
+ * graph node; backends without an abort callback: before the next graph) and
+ * makes it return -3; calls refuse to compute until sdcpp_cancel_clear. */
+void sdcpp_cancel(void);
+void sdcpp_cancel_clear(void);
+bool sdcpp_cancel_requested(void);
+/* Graph computations stopped midway since the library was loaded. */
+int64_t sdcpp_aborted_computes(void);
+
+/* generate_image with the shim's error contract; *out holds params->batch_count
+ * images (free each data, then the array, with free()). */
+int sdcpp_generate(sd_ctx_t* ctx, const sd_img_gen_params_t* params, sd_image_t** out);
+
+/* For tests of crash isolation only: abort() the process, as a failed engine assert does. */
+void sdcpp_test_abort(void);
