@@ -36,6 +36,8 @@ ProgressFn = Callable[[int, int, float], None]
 def _on_log(level: int, text, _data) -> None:
     try:
         py_level = _LEVELS.get(level, logging.INFO)
+        if py_level >= logging.ERROR and lib.sdcpp_cancel_requested():
+            py_level = logging.INFO   # the failures a cancel causes on its way out are not errors
         if native_logger.isEnabledFor(py_level):
             native_logger.log(py_level, "%s", ffi.string(text).decode("utf-8", "replace").rstrip())
     except Exception:  # a log line must never unwind into C

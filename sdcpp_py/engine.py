@@ -125,13 +125,18 @@ class Engine(Owner):
         return self.run(lambda ctx: {"encoder": int(lib.sdcpp_component_bytes(ctx, ENCODER)),
                                      "diffusion": int(lib.sdcpp_component_bytes(ctx, DIFFUSION))})
 
-    def buffers(self, component: int) -> str:
-        """``"CPU=..,CPU_REPACK=.."``: the component's resident bytes per buffer ("" released)."""
-        def read(ctx):
+    def all_buffers(self) -> Dict[str, str]:
+        """Per component, ``"CPU=..,CPU_REPACK=.."``: its resident bytes per buffer ("" released)."""
+        return self.run(self._buffers)
+
+    @staticmethod
+    def _buffers(ctx) -> Dict[str, str]:
+        out = {}
+        for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER)):
             text = ffi.new("char[]", 1024)
             check(lib.sdcpp_component_buffers(ctx, component, text, 1024))
-            return ffi.string(text).decode()
-        return self.run(read)
+            out[name] = ffi.string(text).decode()
+        return out
 
     def release(self, component: int) -> None:
         self.run(lambda ctx: self._release(ctx, component))
@@ -186,8 +191,9 @@ class Engine(Owner):
         return self.run(lambda ctx: ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode())
 
     def generate(self, params, keep: List[Any], batch_count: int, *, progress: Optional[ProgressFn] = None,
-                 token: Optional[CancelToken] = None) -> Tuple[List[Image.Image], float]:
-        """Upstream's generate_image: ``batch_count`` images and the seconds it took."""
+                 token: Optional[CancelToken] = None) -> Tuple[List[Image.Image], float, Dict[str, str]]:
+        """Upstream's generate_image: ``batch_count`` images, the seconds it took and the
+        buffers of the weights after it (``all_buffers``, in the same hold)."""
         def generate(ctx):
             self._ensure(ctx, ENCODER)
             self._ensure(ctx, DIFFUSION)
@@ -205,7 +211,7 @@ class Engine(Owner):
                 finally:
                     self._after_encoding(ctx)
             try:
-                return [to_pil(out[0][i]) for i in range(batch_count)], seconds
+                return [to_pil(out[0][i]) for i in range(batch_count)], seconds, self._buffers(ctx)
             finally:
                 free()
         return self.run(generate, token=token)

@@ -141,10 +141,12 @@ class Pipeline:
     def weights(self) -> Dict[str, Any]:
         """The weight policy's plan, and each component's resident bytes per buffer now
         (``{"CPU": ..., "CPU_REPACK": ...}``; empty while released)."""
+        return self._weights(self._engine.all_buffers())
+
+    def _weights(self, buffers: Dict[str, str]) -> Dict[str, Any]:
         out = self.weight_plan.to_dict()
         out["cpu_variant"] = backends.load() if self.device == "CPU" else None
-        out["buffers"] = {name: parse_buffers(self._engine.buffers(component))
-                          for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER))}
+        out["buffers"] = {name: parse_buffers(text) for name, text in buffers.items()}
         return out
 
     def _resolve_device(self) -> Optional[str]:
@@ -289,8 +291,9 @@ class Pipeline:
             if self.settings.release_diffusion:
                 return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress)
             params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
-            images, seconds = self._engine.generate(params, keep, s.batch_count, progress=progress, token=cancel)
-            return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self.weights)
+            images, seconds, buffers = self._engine.generate(params, keep, s.batch_count, progress=progress,
+                                                             token=cancel)
+            return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
 
     def _generate_staged(self, s: GenerationSettings, *, init_image: Optional[ImageLike],
                          ref_images: Sequence[ImageLike], progress: Optional[ProgressFn]) -> GenerationResult:
@@ -309,7 +312,9 @@ class Pipeline:
                                   strength=s.strength if init is not None else None, ref_images=ref_images,
                                   progress=progress)
             images.append(self.decode(latent))
-        return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start}, self.weights)
+        buffers = {} if self.closed else self._engine.all_buffers()   # closed by another thread since
+        return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start},
+                                self._weights(buffers))
 
     def _params(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
                 ref_images: Sequence[ImageLike] = ()):

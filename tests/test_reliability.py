@@ -1,0 +1,158 @@
+"""One pipeline under load: many threads mixing every call with cancels, memory across
+open/close cycles and across generations, a decode-only VAE."""
+
+from __future__ import annotations
+
+import gc
+import random
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcpp_py import Cancelled, InvalidArgumentError, Pipeline
+from sdcpp_py.synthetic.models import _metadata, component_specs
+from sdcpp_py.synthetic.writer import plan_tensors, write_file
+
+GEN = dict(width=64, height=64, steps=1)
+PROMPTS = ("a red door", "a blue boat", "a green hill")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+# -- threads ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("release", [False, True], ids=["resident", "release-both"])
+def test_eight_threads_mixed_calls_equal_their_references(tiny_sets, release):
+    m = tiny_sets["z-image-turbo"]
+    pipe = Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2,
+                    release_encoder=release, release_diffusion=release)
+    try:
+        # references, one thread
+        ref_gen = {(p, s): np.asarray(pipe.generate(p, seed=s, **GEN).image) for p in PROMPTS for s in (1, 2)}
+        ref_cond = {p: pipe.encode(p, use_cache=False).context for p in PROMPTS}
+        ref_lat = {(p, s): pipe.denoise(pipe.encode(p), seed=s, **GEN).data for p in PROMPTS for s in (1, 2)}
+        errors, counts = [], {"checked": 0, "cancelled": 0}
+        lock = threading.Lock()
+
+        def worker(k: int) -> None:
+            rnd = random.Random(k)
+            try:
+                for _ in range(8):
+                    p, s = rnd.choice(PROMPTS), rnd.choice((1, 2))
+                    op = rnd.choices(("generate", "encode", "denoise", "decode", "cancel"), (3, 3, 3, 3, 1))[0]
+                    try:
+                        if op == "generate":
+                            assert np.array_equal(np.asarray(pipe.generate(p, seed=s, **GEN).image), ref_gen[(p, s)])
+                        elif op == "encode":
+                            assert np.array_equal(pipe.encode(p, use_cache=False).context, ref_cond[p])
+                        elif op == "denoise":
+                            assert np.array_equal(pipe.denoise(pipe.encode(p), seed=s, **GEN).data, ref_lat[(p, s)])
+                        elif op == "decode":
+                            lat = pipe.denoise(pipe.encode(p), seed=s, **GEN)
+                            assert np.array_equal(np.asarray(pipe.decode(lat)), ref_gen[(p, s)])
+                        else:
+                            pipe.cancel()
+                            continue
+                        with lock:
+                            counts["checked"] += 1
+                    except Cancelled:
+                        with lock:
+                            counts["cancelled"] += 1
+            except BaseException as e:   # reported by the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in threads)
+        assert not errors, errors[:3]
+        print(f"{counts['checked']} results equal to their references, {counts['cancelled']} cancelled")
+        assert counts["checked"] >= 16   # (cancel stops every call in flight at the time)
+    finally:
+        pipe.close()
+
+
+# -- memory ----------------------------------------------------------------------------------
+def test_open_close_cycles_do_not_grow_memory(tiny_sets):
+    m = tiny_sets["flux2-klein"]
+
+    def cycle() -> None:
+        with Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2) as p:
+            p.generate("a cat", seed=1, **GEN)
+    for _ in range(5):       # warm-up: allocator pools, the CPU backend's threads, caches
+        cycle()
+    gc.collect()
+    before = _rss_bytes()
+    for _ in range(30):
+        cycle()
+    gc.collect()
+    growth = (_rss_bytes() - before) / before
+    print(f"30 open/generate/close cycles: RSS {before / 2**20:.1f} MiB -> {_rss_bytes() / 2**20:.1f} MiB "
+          f"({growth * 100:+.2f}%)")
+    assert growth < 0.01
+
+
+def test_a_hundred_generations_do_not_grow_memory(pipelines):
+    pipe = pipelines["z-image-turbo"]
+    for s in range(10):
+        pipe.generate("a cat", seed=s, **GEN)
+    gc.collect()
+    before = _rss_bytes()
+    for s in range(100):
+        pipe.generate("a cat", seed=s, **GEN)
+    gc.collect()
+    growth = (_rss_bytes() - before) / before
+    print(f"100 generations: RSS {before / 2**20:.1f} MiB -> {_rss_bytes() / 2**20:.1f} MiB ({growth * 100:+.2f}%)")
+    assert growth < 0.01
+
+
+def test_a_dropped_pipeline_is_freed_by_its_finalizer(tiny_sets):
+    m = tiny_sets["z-image-turbo"]
+    for _ in range(3):
+        Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2).generate("a", seed=1, **GEN)
+    gc.collect()
+    before = _rss_bytes()
+    for _ in range(10):
+        Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2).generate("a", seed=1, **GEN)
+        gc.collect()
+    Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2).close()  # after the frees
+    growth = (_rss_bytes() - before) / before
+    print(f"10 pipelines dropped without close(): RSS growth {growth * 100:+.2f}%")
+    assert growth < 0.01
+
+
+# -- a decode-only VAE -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def decode_only_vae(tiny_sets, tmp_path_factory):
+    out = {}
+    for family in tiny_sets:
+        specs = [s for s in component_specs(family, "vae")
+                 if not s.name.startswith(("encoder.", "quant_conv."))]
+        path = tmp_path_factory.mktemp("vae") / f"{family}-decoder-only.gguf"
+        write_file(path, plan_tensors(specs, "f16"), seed=1, metadata=_metadata(family, "vae", "tiny", 1, "f16"),
+                   fmt="gguf")
+        out[family] = path
+    return out
+
+
+def test_a_decode_only_vae_serves_text_to_image(tiny, family, decode_only_vae, pipe):
+    with Pipeline(diffusion_model=tiny.diffusion_model, llm=tiny.llm, vae=decode_only_vae[family],
+                  n_threads=2) as p:
+        assert not p.components.vae_has_encoder
+        image = np.asarray(p.generate("a lighthouse", seed=5, **GEN).image)
+        assert np.array_equal(image, np.asarray(pipe.generate("a lighthouse", seed=5, **GEN).image))
+        source = Image.new("RGB", (64, 64), (120, 30, 200))
+        with pytest.raises(InvalidArgumentError, match="decode-only VAE"):
+            p.generate("a lighthouse", init_image=source, strength=0.5, **GEN)
+        with pytest.raises(InvalidArgumentError, match="decode-only VAE"):
+            p.encode_image(source)
+        if family == "flux2-klein":
+            with pytest.raises(InvalidArgumentError, match="decode-only VAE"):
+                p.generate("a lighthouse", ref_images=[source], **GEN)
+        assert np.array_equal(np.asarray(p.generate("a lighthouse", seed=5, **GEN).image), image)
