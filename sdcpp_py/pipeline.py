@@ -68,6 +68,8 @@ class Pipeline:
     (missing, corrupt, wrong VAE, wrong text encoder width raise ModelLoadError
     subclasses). ``preset`` supplies generation defaults; by default it follows
     the detected family. ``cache_size`` bounds the prompt-encoding cache.
+    ``isolate=True`` runs the engine in a worker process (:mod:`sdcpp_py.isolated`):
+    an engine abort raises EngineCrashed instead of ending this process.
 
     Threads: a pipeline may be shared. Engine calls of all pipelines of the process
     run one at a time on one engine thread, each public call's residency checks and
@@ -75,11 +77,17 @@ class Pipeline:
     (``threading.Event``) and Ctrl-C stop a call within the graph it computes.
     """
 
+    def __new__(cls, *args: Any, isolate: bool = False, **kwargs: Any) -> "Pipeline":
+        if isolate and cls is Pipeline:
+            from .isolated import IsolatedPipeline
+            return super().__new__(IsolatedPipeline)
+        return super().__new__(cls)
+
     def __init__(self, *, model: Optional[PathLike] = None, diffusion_model: Optional[PathLike] = None,
                  llm: Optional[PathLike] = None, vae: Optional[PathLike] = None,
                  settings: Optional[ContextSettings] = None, preset: Union[str, Preset, None] = None,
                  cache_size: int = 16, share_encoder_with: Optional["Pipeline"] = None,
-                 **settings_kwargs: Any) -> None:
+                 isolate: bool = False, **settings_kwargs: Any) -> None:
         if settings is not None and settings_kwargs:
             raise TypeError("give settings= or setting keywords, not both")
         self.settings = settings if settings is not None else ContextSettings(**settings_kwargs)
