@@ -7,7 +7,8 @@ summary, PNG plots and contact sheets.
 Suites (``--suites``): compare (sdcpp-py vs sd-cli with the package's and upstream's
 flags, stable-diffusion-cpp-python, diffusers), knobs (weight types, upcast, threads,
 CPU variant, flash attention, VAE direct conv), roofline (DiT step GFLOP/s against an
-fp32 GEMM of the same shapes), guide (the field guide's sweeps with contact sheets).
+fp32 GEMM of the same shapes), guide (the field guide's sweeps with contact sheets),
+control (cancel latency in a step and in a VAE decode, isolation overhead, memory).
 Every measurement runs in a child process (wall time and peak RSS from wait4) on
 files written once into the cache. See benchmarks/README.md for the setup of the
 external tools and for results.
@@ -23,13 +24,14 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
+import control  # noqa: E402
 import guide  # noqa: E402
 import knobs  # noqa: E402
 from harness import CACHE, RESULTS, machine_info, run_spec, write_json  # noqa: E402
 from roofline import roofline  # noqa: E402
 
 FAMILIES = ("z-image-turbo", "flux2-klein")
-SUITES = ("compare", "knobs", "roofline", "guide")
+SUITES = ("compare", "knobs", "roofline", "guide", "control")
 
 
 def parse(argv: List[str]) -> argparse.Namespace:
@@ -120,6 +122,13 @@ def main(argv: List[str]) -> int:
             res = guide.run(fam, models(fam), args, work / "guide", out / "sheets")
             results.setdefault("guide", []).append(res)
             md += guide.markdown(res)
+            write_json(out / "results.json", results)
+    if "control" in suites:
+        md.append("## Control: cancel, isolation, memory")
+        for fam in args.knob_families.split(","):
+            res = control.run(fam, models(fam), args, work / "control")
+            results.setdefault("control", []).append(res)
+            md += control.markdown(res)
             write_json(out / "results.json", results)
     import plots
 

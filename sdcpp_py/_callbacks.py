@@ -14,7 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from typing import Callable, Iterator, List, Optional, Union
+from typing import Any, Callable, Iterator, List, Optional, Union
 
 from ._ffi import ffi, lib
 
@@ -120,7 +120,7 @@ class TqdmProgress:
 
     def __init__(self, desc: str = "sampling") -> None:
         self.desc = desc
-        self.bar = None
+        self.bar: Any = None
 
     def __call__(self, step: int, steps: int, seconds: float) -> None:
         if self.bar is None:

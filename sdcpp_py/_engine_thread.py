@@ -141,7 +141,9 @@ class EngineThread:
                 fn()
                 return
             self._start()
-            self._queue.append(_Call(fn, Operation(None, None)))
+            call = _Call(fn, Operation(None, None))
+            call.abandoned = True         # nobody waits: its error is logged
+            self._queue.append(call)
             self._cv.notify()
 
     def _wait(self, call: _Call) -> Any:
@@ -230,6 +232,8 @@ class EngineThread:
                     lib.sdcpp_cancel_clear()
                     call.done.set()
                     abandoned = call.abandoned
+            if abandoned and call.error is not None and not isinstance(call.error, Cancelled):
+                logger.error("an engine call nobody waits for failed: %r", call.error)
             if abandoned and call.error is None and call.discard is not None:
                 try:
                     call.discard(call.result)

@@ -32,7 +32,7 @@ def library_path() -> Path:
     override = os.environ.get(LIBRARY_ENV)
     if override:
         return Path(override)
-    return Path(str(resources.files("sdcpp_py").joinpath("lib", LIBRARY_NAME)))
+    return Path(str(resources.files("sdcpp_py").joinpath("lib").joinpath(LIBRARY_NAME)))
 
 
 def _load():

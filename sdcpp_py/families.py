@@ -112,7 +112,7 @@ def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[
     vae_ch = _vae_channels(vae_file) if vae_file is not None else None
     vae_encoder = vae_file is not None and vae_file.find("encoder.conv_in.weight") is not None
     found = Components(family, hidden, context_dim, llm_hidden, llm_layers, vae_ch, llm_vocab, vae_encoder)
-    if family in (FLUX2_KLEIN, FLUX2_DEV) and hidden % FLUX2_HEAD_DIM:
+    if family in (FLUX2_KLEIN, FLUX2_DEV) and hidden is not None and hidden % FLUX2_HEAD_DIM:
         raise IncompatibleModelError(f"{dit.path}: FLUX.2 DiT width {hidden} is not a multiple of the "
                                      f"engine's head size {FLUX2_HEAD_DIM}")
 
@@ -127,15 +127,15 @@ def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[
             f"{family} needs a VAE (vae=...): "
             + ("none given" if vae_file is None else f"{vae_file.path} has no decoder.conv_in"))
     if llm_vocab is not None and llm_vocab < MIN_QWEN_VOCAB:
-        raise IncompatibleModelError(f"text encoder {enc.path} has a vocabulary of {llm_vocab} tokens; "
+        raise IncompatibleModelError(f"text encoder {enc.path if enc else None} has a vocabulary of {llm_vocab} tokens; "
                                      f"Qwen3's prompt template needs at least {MIN_QWEN_VOCAB}")
     want = VAE_CHANNELS[family]
     if vae_ch != want:
         raise IncompatibleModelError(
-            f"wrong VAE for {family}: {vae_file.path} has {vae_ch} latent channels, "
+            f"wrong VAE for {family}: {vae_file.path if vae_file else None} has {vae_ch} latent channels, "
             f"{family} needs {want} (the FLUX.{1 if want == 16 else 2} VAE)")
     if found.llm_output_dim != context_dim:
         raise IncompatibleModelError(
-            f"text encoder {enc.path} (hidden {llm_hidden}, {llm_layers} layers) gives "
+            f"text encoder {enc.path if enc else None} (hidden {llm_hidden}, {llm_layers} layers) gives "
             f"{found.llm_output_dim}-wide conditioning; the {family} model expects {context_dim}")
     return found

@@ -179,8 +179,8 @@ class Worker:
 
     def __init__(self, kwargs: Dict[str, Any]) -> None:
         self.kwargs = kwargs
-        self.process: Optional[Any] = None
-        self.conn: Optional[Any] = None
+        self.process: Optional[subprocess.Popen] = None
+        self.conn: Optional[Connection] = None
         self.log_path = ""
         self.starts = 0
         self.load_seconds = 0.0
@@ -219,15 +219,17 @@ class Worker:
             _free(blocks)
 
     def _reply(self, blocks: List[SharedMemory], progress: Any, token: Any) -> Any:
+        conn = self.conn
+        assert conn is not None
         interrupt: Optional[BaseException] = None
         progress_error: Optional[BaseException] = None
         while True:
             try:
-                if token is not None and not self.conn.poll(_POLL_S):
+                if token is not None and not conn.poll(_POLL_S):
                     if token.is_set():
                         self.cancel()
                     continue
-                message = _loads(self.conn.recv_bytes())
+                message = _loads(conn.recv_bytes())
             except (EOFError, OSError):
                 raise self._crashed() from None
             except BaseException as e:       # Ctrl-C while waiting: cancel, wait for the stop
@@ -254,7 +256,7 @@ class Worker:
             return message[1]
 
     def cancel(self) -> None:
-        if self.alive:
+        if self.process is not None and self.alive:
             self.process.send_signal(signal.SIGUSR1)
 
     def _crashed(self) -> EngineCrashed:
@@ -355,7 +357,8 @@ class IsolatedPipeline(Pipeline):
     @property
     def worker_pid(self) -> Optional[int]:
         """The worker process's id (None until it starts again after a crash)."""
-        return self._worker.process.pid if self._worker.alive else None
+        process = self._worker.process
+        return process.pid if process is not None and self._worker.alive else None
 
     @property
     def worker_starts(self) -> int:
@@ -366,27 +369,27 @@ class IsolatedPipeline(Pipeline):
         self._worker.call("abort", "")
 
     # calls
-    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:   # type: ignore[override]
+    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult: 
         return self._call("generate", prompt, **kwargs)
 
     __call__ = generate
 
-    def generate_with(self, s: GenerationSettings, **kwargs: Any) -> GenerationResult:  # type: ignore[override]
+    def generate_with(self, s: GenerationSettings, **kwargs: Any) -> GenerationResult:
         return self._call("generate_with", s, **kwargs)
 
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
         return self._call("settings_for", prompt, **overrides)
 
-    def encode(self, prompt: str, negative_prompt: Optional[str] = None, **kwargs: Any) -> Conditioning:  # type: ignore[override]
+    def encode(self, prompt: str, negative_prompt: Optional[str] = None, **kwargs: Any) -> Conditioning:
         return self._call("encode", prompt, negative_prompt, **kwargs)
 
-    def denoise(self, conditioning: Conditioning, **kwargs: Any) -> Latent:  # type: ignore[override]
+    def denoise(self, conditioning: Conditioning, **kwargs: Any) -> Latent:
         return self._call("denoise", conditioning, **kwargs)
 
-    def decode(self, latent: Latent, **kwargs: Any):  # type: ignore[override]
+    def decode(self, latent: Latent, **kwargs: Any):
         return self._call("decode", latent, **kwargs)
 
-    def encode_image(self, image, **kwargs: Any) -> Latent:  # type: ignore[override]
+    def encode_image(self, image, **kwargs: Any) -> Latent:
         return self._call("encode_image", image, **kwargs)
 
     def release_encoder(self) -> None:

@@ -190,7 +190,8 @@ def _read_gguf(p: Path, f: BinaryIO, size: int) -> ModelFile:
             raise CorruptModelError(f"{p}: tensor {name} has {n_dims} dimensions")
         ne = [r.take("<Q") for _ in range(n_dims)]
         raw.append((name, ne, r.take("<I"), r.take("<Q")))
-    alignment = int(metadata.get("general.alignment", 32))  # type: ignore[arg-type]
+    raw_alignment = metadata.get("general.alignment", 32)
+    alignment = raw_alignment if isinstance(raw_alignment, int) else -1
     if alignment <= 0:
         raise CorruptModelError(f"{p}: bad GGUF alignment {alignment}")
     data_start = -(-f.tell() // alignment) * alignment

@@ -14,7 +14,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union, overload
 
 import numpy as np
 from PIL import Image
@@ -97,7 +97,7 @@ class Pipeline:
         self.family = self.components.family
         self.preset: Optional[Preset] = get_preset(preset) if preset is not None else preset_for_family(self.family)
         self.encoder_id = _file_identity(self.paths["llm"] or self.paths["model"])
-        self.encodings = EncodingCache(cache_size)
+        self.encodings: EncodingCache[Conditioning] = EncodingCache(cache_size)
         self.load_count = 0
         self.load_seconds = 0.0
         self._engine = Engine(self.paths, release_encoder=self.settings.release_encoder,
@@ -397,6 +397,14 @@ class Pipeline:
                                                  progress=progress, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
                       {"settings": s, "denoise_s": seconds})
+
+    @overload
+    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ...,
+               cancel: Optional[CancelToken] = None) -> Image.Image: ...
+
+    @overload
+    def decode(self, latent: Latent, *, output_type: Literal["np"],
+               cancel: Optional[CancelToken] = None) -> np.ndarray: ...
 
     def decode(self, latent: Latent, *, output_type: str = "pil",
                cancel: Optional[CancelToken] = None) -> Union[Image.Image, np.ndarray]:

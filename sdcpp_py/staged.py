@@ -50,7 +50,8 @@ class Conditioning:
                 "negative_prompt": self.negative_prompt, "parts": [list(k) for k in self.parts]}
         arrays = {f"part{i}": a for i, a in enumerate(self.parts.values())}
         with p.open("wb") as f:
-            np.savez(f, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+            arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs take ** for allow_pickle
         return p
 
     @classmethod

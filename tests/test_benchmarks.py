@@ -70,3 +70,10 @@ def test_run_quick(tmp_path):
     assert all(Path(p).is_file() for p in data["plots"]) and len(data["plots"]) >= 6
     summary = (out / "summary.md").read_text()
     assert "## Comparisons" in summary and "## Roofline" in summary and "## Field-guide sweeps" in summary
+
+    for res in data["control"]:   # cancel stops inside the graph; isolation keeps the pixels
+        rows = res["cancel_step"] + res["cancel_decode"]
+        assert rows and all(r["outcome"] == "cancelled" and r["stopped_midway"] for r in rows)
+        assert res["isolated_same_pixels"] and res["isolation_overhead"] > 0
+        assert res["rss_after_close_mb"] < res["rss_after_generations_mb"]
+    assert "## Control" in summary

@@ -231,7 +231,7 @@ SHIM_API int sdcpp_result_get(const sdcpp_result_t* result, int i, sdcpp_tensor_
 }
 
 SHIM_API void sdcpp_result_free(sdcpp_result_t* result) {
-    delete result;
+    delete result;  // destructors of vectors and tensors: noexcept
 }
 
 SHIM_API int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool with_negative,
@@ -566,14 +566,18 @@ SHIM_API sd_ctx_t* sdcpp_new_ctx(const sd_ctx_params_t* params, int defer_mask, 
 SHIM_API const char* sdcpp_cpu_weight_buffer_types(void) {
     static std::string names;
     static std::once_flag once;
-    std::call_once(once, [] {
+    try {
+        std::call_once(once, [] {
         ggml_backend_load_all_once();
         ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
         ggml_backend_buffer_type_t* bufts = sd_cpu_extra_bufts(dev);
         for (ggml_backend_buffer_type_t* b = bufts; b != nullptr && *b != nullptr; b++) {
             names += (names.empty() ? "" : ",") + std::string(ggml_backend_buft_name(*b));
         }
-    });
+        });
+    } catch (...) {
+        names.clear();
+    }
     return names.c_str();
 }
 
@@ -604,21 +608,33 @@ SHIM_API int sdcpp_component_buffers(sd_ctx_t* ctx, int which, char* out, size_t
 }
 
 SHIM_API void sdcpp_free_ctx(sd_ctx_t* ctx) {
-    {
-        std::lock_guard<std::mutex> lock(registry_mutex);
-        registry.erase(ctx);
+    try {
+        {
+            std::lock_guard<std::mutex> lock(registry_mutex);
+            registry.erase(ctx);
+        }
+        free_sd_ctx(ctx);
+    } catch (...) {
+        LOG_ERROR("freeing a context failed: unknown C++ exception");
     }
-    free_sd_ctx(ctx);
 }
 
 SHIM_API bool sdcpp_component_loaded(sd_ctx_t* ctx, int which) {
-    Component c;
-    return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) && c.size() > 0;
+    try {
+        Component c;
+        return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) && c.size() > 0;
+    } catch (...) {
+        return false;
+    }
 }
 
 SHIM_API size_t sdcpp_component_bytes(sd_ctx_t* ctx, int which) {
-    Component c;
-    return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) ? c.size() : 0;
+    try {
+        Component c;
+        return ctx != nullptr && ctx->sd != nullptr && component_of(ctx, which, &c) ? c.size() : 0;
+    } catch (...) {
+        return 0;
+    }
 }
 
 SHIM_API int sdcpp_component_release(sd_ctx_t* ctx, int which) {

@@ -175,7 +175,7 @@ def file_size(planned: Sequence[PlannedTensor], metadata: Mapping[str, MetaValue
 def _write_tensor(f: BinaryIO, t: PlannedTensor, seed: int) -> int:
     written = 0
     for chunk in iter_tensor_bytes(t.spec, t.gtype, seed):
-        mv = memoryview(chunk).cast("B")
+        mv = chunk.data.cast("B")
         f.write(mv)
         written += mv.nbytes
     if written != t.nbytes:
