@@ -36,7 +36,7 @@ def main(spec_path: str) -> None:
     items = []
     for n, item in enumerate(spec["items"]):
         per_step = []   # the engine's own time of each sampling step
-        latent = pipe.denoise(cond, progress=lambda i, n, sec: i > 0 and per_step.append(round(sec, 4)), **item)
+        latent = pipe.denoise(cond, progress=lambda i, n, sec, per_step=per_step: i > 0 and per_step.append(round(sec, 4)), **item)
         t1 = time.perf_counter()
         image = pipe.decode(latent)
         decode_s = time.perf_counter() - t1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from harness import CACHE, HERE, Run, ratio, run_child, run_spec
 
@@ -24,7 +24,7 @@ VENV_SDCPP_PYTHON = CACHE / "venv-sdcpp-python" / "bin" / "python"
 VENV_DIFFUSERS = CACHE / "venv-diffusers" / "bin" / "python"
 
 
-def _stages(run: Run) -> Dict[str, float]:
+def _stages(run: Run) -> dict[str, float]:
     return {k: round(v, 2) for k, v in run.stages.items()}
 
 
@@ -43,15 +43,15 @@ def _ours(models, args, work: Path, tag: str, **context: Any) -> Run:
     return run_spec(spec, work, tag)
 
 
-def _row(name: str, runs: List[Run], images: int, note: str = "") -> Dict[str, Any]:
+def _row(name: str, runs: list[Run], images: int, note: str = "") -> dict[str, Any]:
     wall = sum(r.wall_s for r in runs)
     return {"name": name, "processes": len(runs), "images": images, "wall_s": round(wall, 2),
             "per_image_s": round(wall / images, 2), "peak_rss_mb": round(max(r.peak_rss_mb for r in runs)),
             "stages": [_stages(r) for r in runs], "reports": [r.report for r in runs], "note": note}
 
 
-def _external(python: Path, script: str, payload: Dict[str, Any], work: Path, tag: str,
-              skipped: Dict[str, str], name: str, setup: str) -> Optional[Run]:
+def _external(python: Path, script: str, payload: dict[str, Any], work: Path, tag: str,
+              skipped: dict[str, str], name: str, setup: str) -> Run | None:
     """Run another tool's script in its own venv; a missing venv or a failed run is recorded."""
     if not python.exists():
         skipped[name] = f"not set up: run benchmarks/setup_external.sh {setup}"
@@ -66,9 +66,9 @@ def _external(python: Path, script: str, payload: Dict[str, Any], work: Path, ta
         return None
 
 
-def run(family: str, models, args, work: Path, sd_cli: Optional[Path]) -> Dict[str, Any]:
-    rows: List[Dict[str, Any]] = []
-    skipped: Dict[str, str] = {}
+def run(family: str, models, args, work: Path, sd_cli: Path | None) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
     n = args.images
     ours = _ours(models, args, work, f"{family}-ours")
     rows.append(_row("sdcpp-py, defaults (1 process)", [ours], n,
@@ -76,13 +76,13 @@ def run(family: str, models, args, work: Path, sd_cli: Optional[Path]) -> Dict[s
     same = _ours(models, args, work, f"{family}-ours-cli-settings", upcast="none", flash_attn=False)
     rows.append(_row("sdcpp-py, sd-cli's settings (1 process)", [same], n,
                      "files' weight types, no flash attention"))
-    cli_runs: List[Run] = []
+    cli_runs: list[Run] = []
     if sd_cli is not None:
         cli_runs = [_cli(sd_cli, models, s, args, work, f"{family}-cli") for s in range(n)]
         rows.append(_row("sd-cli, package flags (N processes)", cli_runs, n))
     else:
         skipped["sd-cli"] = "not built: install with SDCPP_PY_BUILD_CLI=ON"
-    up_runs: List[Run] = []
+    up_runs: list[Run] = []
     if UPSTREAM_CLI.exists():
         up_runs = [_cli(UPSTREAM_CLI, models, s, args, work, f"{family}-upstream") for s in range(n)]
         rows.append(_row("sd-cli, upstream default flags (N processes)", up_runs, n))
@@ -114,7 +114,7 @@ def run(family: str, models, args, work: Path, sd_cli: Optional[Path]) -> Dict[s
                                                 sum(v for k, v in one_cli.items() if k != "load_s")) if one_cli else None,
         "c_sdcpp_python_vs_ours_defaults": ratio(sdpy.wall_s, ours.wall_s) if sdpy else None,
     }
-    out: Dict[str, Any] = {"family": family, "rows": rows, "ratios": ratios, "skipped": skipped,
+    out: dict[str, Any] = {"family": family, "rows": rows, "ratios": ratios, "skipped": skipped,
                            "text_tokens": ours.report["text_tokens"]}
     if diff is not None:
         d = diff.report
@@ -126,7 +126,7 @@ def run(family: str, models, args, work: Path, sd_cli: Optional[Path]) -> Dict[s
     return out
 
 
-def markdown(res: Dict[str, Any], args) -> List[str]:
+def markdown(res: dict[str, Any], args) -> list[str]:
     md = [f"### {res['family']}: {args.width}x{args.height}, {args.steps} step(s), {args.images} images, "
           f"{args.threads} threads", "",
           "| run | processes | wall s | per image s | peak RSS MB | note |", "|---|---|---|---|---|---|"]

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import HERE, emit, ratio, run_child  # noqa: E402
@@ -32,13 +32,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def _cancel_at(pipe, call, offset_s: float, start_event=None) -> Dict[str, Any]:
+def _cancel_at(pipe, call, offset_s: float, start_event=None) -> dict[str, Any]:
     """Run ``call()``; ``offset_s`` after ``start_event`` is set (or after the start) cancel it."""
     from sdcpp_py import Cancelled
     from sdcpp_py._ffi import lib
 
     aborted = lib.sdcpp_aborted_computes()
-    marks: Dict[str, float] = {}
+    marks: dict[str, float] = {}
 
     def canceller() -> None:
         if start_event is not None:
@@ -59,12 +59,12 @@ def _cancel_at(pipe, call, offset_s: float, start_event=None) -> Dict[str, Any]:
             "stopped_midway": lib.sdcpp_aborted_computes() > aborted}
 
 
-def child(spec: Dict[str, Any]) -> Dict[str, Any]:
+def child(spec: dict[str, Any]) -> dict[str, Any]:
     from sdcpp_py import Pipeline
 
     files, ctx = spec["files"], spec.get("context", {})
     w, h = spec["width"], spec["height"]
-    out: Dict[str, Any] = {"rss_start_mb": round(_rss_mb(), 1)}
+    out: dict[str, Any] = {"rss_start_mb": round(_rss_mb(), 1)}
     t = time.perf_counter()
     pipe = Pipeline(**files, **ctx)
     out["load_s"] = round(time.perf_counter() - t, 2)
@@ -75,9 +75,10 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     rows = []
     for offset in spec["step_offsets"]:
         started = threading.Event()
-        rows.append(_cancel_at(pipe, lambda: pipe.denoise(cond, width=w, height=h, steps=2, seed=1,
-                                                          progress=lambda i, n, s: started.set()),
-                               offset, started))
+
+        def denoise(started: threading.Event = started) -> None:
+            pipe.denoise(cond, width=w, height=h, steps=2, seed=1, progress=lambda i, n, s: started.set())
+        rows.append(_cancel_at(pipe, denoise, offset, started))
     out["cancel_step"] = rows
     latent = pipe.denoise(cond, width=spec["decode_width"], height=spec["decode_height"], steps=1, seed=1)
     t = time.perf_counter()
@@ -116,12 +117,12 @@ def child(spec: Dict[str, Any]) -> Dict[str, Any]:
     out["in_process_s"], out["isolated_s"] = [round(x, 3) for x in local_s], [round(x, 3) for x in iso_s]
     import numpy as np
 
-    out["isolated_same_pixels"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(local, remote))
+    out["isolated_same_pixels"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(local, remote, strict=False))
     out["isolation_overhead"] = ratio(out["isolated_s_per_image"], out["in_process_s_per_image"])
     return out
 
 
-def run(family: str, models, args, work: Path) -> Dict[str, Any]:
+def run(family: str, models, args, work: Path) -> dict[str, Any]:
     quick = args.quick
     spec = {"files": {"diffusion_model": str(models.diffusion_model), "llm": str(models.llm),
                       "vae": str(models.vae)},
@@ -141,7 +142,7 @@ def run(family: str, models, args, work: Path) -> Dict[str, Any]:
     return {"family": family, "spec": spec, "peak_rss_mb": r.peak_rss_mb, **r.report}
 
 
-def markdown(res: Dict[str, Any]) -> List[str]:
+def markdown(res: dict[str, Any]) -> list[str]:
     s = res["spec"]
     md = [f"### {res['family']}: cancel at {s['width']}x{s['height']}, isolation at "
           f"{s['iso_width']}x{s['iso_height']}", "",

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from harness import run_spec
+from PIL import Image, ImageDraw
 
 PROMPT = "a cozy reading nook by a rainy window, warm lamp light, detailed illustration"
 STEPS = (1, 3, 6, 9, 12, 15)
@@ -30,13 +29,13 @@ def _m16(x: float) -> int:
     return max(16, int(round(x / 16)) * 16)
 
 
-def size_for(aspect: Tuple[int, int], pixels: float) -> Tuple[int, int]:
+def size_for(aspect: tuple[int, int], pixels: float) -> tuple[int, int]:
     w, h = aspect
     k = math.sqrt(pixels / (w * h))
     return _m16(w * k), _m16(h * k)
 
 
-def plan(sweep: str, args) -> List[Tuple[str, Dict[str, Any]]]:
+def plan(sweep: str, args) -> list[tuple[str, dict[str, Any]]]:
     """(label, denoise keywords) per image of one sweep."""
     pixels = 1024 * 1024 * args.scale
     base = size_for((1, 1), pixels)
@@ -61,7 +60,7 @@ def plan(sweep: str, args) -> List[Tuple[str, Dict[str, Any]]]:
     raise ValueError(sweep)
 
 
-def contact_sheet(cells: List[Tuple[str, Path]], title: str, *, thumb: int = 192, cols: int = 6) -> Image.Image:
+def contact_sheet(cells: list[tuple[str, Path]], title: str, *, thumb: int = 192, cols: int = 6) -> Image.Image:
     """A grid of thumbnails (aspect kept) with a label under each."""
     cols = min(cols, max(1, len(cells)))
     rows = math.ceil(len(cells) / cols)
@@ -81,15 +80,15 @@ def contact_sheet(cells: List[Tuple[str, Path]], title: str, *, thumb: int = 192
     return sheet
 
 
-def _images(spec_items, files, context, args, work: Path, tag: str, negative: Optional[str]):
+def _images(spec_items, files, context, args, work: Path, tag: str, negative: str | None):
     spec = {"files": files, "context": {"n_threads": args.threads, **context}, "prompt": PROMPT,
             "negative_prompt": negative, "items": spec_items, "out": str(work / "images"), "tag": tag}
     return run_spec(spec, work, tag)
 
 
-def run(family: str, models, args, work: Path, sheets: Path) -> Dict[str, Any]:
+def run(family: str, models, args, work: Path, sheets: Path) -> dict[str, Any]:
     files = {"diffusion_model": models.diffusion_model, "llm": models.llm, "vae": models.vae}
-    out: Dict[str, Any] = {"family": family, "scale": args.scale, "max_steps": args.max_steps, "sweeps": {}}
+    out: dict[str, Any] = {"family": family, "scale": args.scale, "max_steps": args.max_steps, "sweeps": {}}
     for sweep in args.sweeps.split(","):
         items = plan(sweep, args)
         rows, cells = [], []
@@ -109,7 +108,7 @@ def run(family: str, models, args, work: Path, sheets: Path) -> Dict[str, Any]:
         else:
             negative = "" if sweep == "cfg" else None
             r = _images([kw for _, kw in items], files, {}, args, work, f"{family}-{sweep}", negative)
-            for (label, _), it in zip(items, r.report["items"]):
+            for (label, _), it in zip(items, r.report["items"], strict=False):
                 rows.append({"label": label, **_timing(it)})
                 cells.append((f"{label} {it['denoise_s']:.1f}s", Path(it["image"])))
         sheet = sheets / f"{family}-{sweep}.png"
@@ -119,13 +118,13 @@ def run(family: str, models, args, work: Path, sheets: Path) -> Dict[str, Any]:
     return out
 
 
-def _timing(it: Dict[str, Any]) -> Dict[str, Any]:
+def _timing(it: dict[str, Any]) -> dict[str, Any]:
     return {"width": it["width"], "height": it["height"], "steps": it["steps"], "seed": it["seed"],
             "cfg_scale": it.get("cfg_scale", 1.0), "denoise_s": round(it["denoise_s"], 3),
             "step_s": round(it["step_s"], 3), "decode_s": round(it["decode_s"], 3)}
 
 
-def markdown(res: Dict[str, Any]) -> List[str]:
+def markdown(res: dict[str, Any]) -> list[str]:
     md = [f"### {res['family']} (scale {res['scale']}, steps capped at {res['max_steps']})", ""]
     for sweep, data in res["sweeps"].items():
         if sweep == "quant":
@@ -139,7 +138,7 @@ def markdown(res: Dict[str, Any]) -> List[str]:
     return md
 
 
-def _quant_markdown(data: Dict[str, Any]) -> List[str]:
+def _quant_markdown(data: dict[str, Any]) -> list[str]:
     first = data["rows"][0]["label"]
     md = [f"**quant** — contact sheet `{Path(data['sheet']).name}`; image difference against {first} "
           "(levels of 255, mean / max)", "",

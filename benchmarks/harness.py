@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("SDCPP_PY_BENCH_RESULTS", HERE / "results"))
@@ -31,18 +31,18 @@ _STAGES = {
 class Run:
     """One child process: what it printed as JSON (if anything) and what it cost."""
 
-    cmd: List[str]
+    cmd: list[str]
     wall_s: float
     peak_rss_mb: float
     returncode: int
-    report: Dict[str, Any] = field(default_factory=dict)
-    stages: Dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def run_child(cmd: List[str], *, env: Optional[Dict[str, str]] = None, log: Optional[Path] = None) -> Run:
+def run_child(cmd: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> Run:
     """Run a command to completion; wall time and the child's peak RSS (wait4)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -54,7 +54,7 @@ def run_child(cmd: List[str], *, env: Optional[Dict[str, str]] = None, log: Opti
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(out)
-    report: Dict[str, Any] = {}
+    report: dict[str, Any] = {}
     for line in reversed(out.splitlines()):
         if line.startswith("BENCH_JSON "):
             report = json.loads(line[len("BENCH_JSON "):])
@@ -65,13 +65,13 @@ def run_child(cmd: List[str], *, env: Optional[Dict[str, str]] = None, log: Opti
     return Run(cmd, wall, usage.ru_maxrss / 1024.0, proc.returncode, report, stages)
 
 
-def emit(report: Dict[str, Any]) -> None:
+def emit(report: dict[str, Any]) -> None:
     """What a child prints for run_child to pick up."""
     print("BENCH_JSON " + json.dumps(report), flush=True)
 
 
-def machine_info() -> Dict[str, Any]:
-    info: Dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
                             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -93,7 +93,7 @@ def machine_info() -> Dict[str, Any]:
     return info
 
 
-def run_spec(spec: Dict[str, Any], work: Path, name: str, env: Optional[Dict[str, str]] = None) -> Run:
+def run_spec(spec: dict[str, Any], work: Path, name: str, env: dict[str, str] | None = None) -> Run:
     """Run benchmarks/child.py on a spec in its own process."""
     work.mkdir(parents=True, exist_ok=True)
     path = work / f"{name}.json"
@@ -101,7 +101,7 @@ def run_spec(spec: Dict[str, Any], work: Path, name: str, env: Optional[Dict[str
     return run_child([sys.executable, str(HERE / "child.py"), str(path)], env=env, log=work / f"{name}.log")
 
 
-def write_json(path: Path, data: Dict[str, Any]) -> Path:
+def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
     return path

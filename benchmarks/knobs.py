@@ -7,15 +7,16 @@ package defaults says whether a default should change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any
 
 from harness import ratio, run_spec
 
 PROMPT = "a red fox in the snow, morning light"
 
 # (label, DiT file type, context settings, environment)
-FULL_CONFIGS: List[Tuple[str, str, Dict[str, Any], Dict[str, str]]] = [
+FULL_CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, str]]] = [
     ("defaults (Q4_0 file)", "q4_0", {}, {}),
     ("Q4_0 as stored, plain kernels (repack=none, upcast=none)", "q4_0", {"upcast": "none", "repack": "none"}, {}),
     ("Q4_0 file, DiT expanded to F16", "q4_0", {"upcast": "diffusion", "upcast_type": "f16"}, {}),
@@ -31,7 +32,7 @@ FULL_CONFIGS: List[Tuple[str, str, Dict[str, Any], Dict[str, str]]] = [
 ]
 
 
-def run(family: str, models_for: Callable[[str], Any], args, work: Path) -> Dict[str, Any]:
+def run(family: str, models_for: Callable[[str], Any], args, work: Path) -> dict[str, Any]:
     """models_for(dit_type) gives the synthetic set with that DiT weight type (written on first use)."""
     rows = []
     wanted = set(args.knobs.split(",")) if args.knobs else None
@@ -59,12 +60,12 @@ def run(family: str, models_for: Callable[[str], Any], args, work: Path) -> Dict
     return {"family": family, "rows": rows, "fastest": best}
 
 
-def _buffers(row: Dict[str, Any]) -> str:
+def _buffers(row: dict[str, Any]) -> str:
     dit = row.get("weights", {}).get("buffers", {}).get("diffusion", {})
     return " + ".join(f"{k} {v / 2**20:.0f}" for k, v in sorted(dit.items())) or "-"
 
 
-def markdown(res: Dict[str, Any], args) -> List[str]:
+def markdown(res: dict[str, Any], args) -> list[str]:
     md = [f"### {res['family']}: {args.width}x{args.height}, {args.steps} step(s), one image per process", "",
           "| setting | load s | encode s | DiT step s | VAE decode s | wall s | peak RSS MB | step speed-up | expanded | DiT buffers MB |",
           "|---|---|---|---|---|---|---|---|---|---|"]

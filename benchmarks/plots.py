@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import matplotlib
 
@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _barh(path: Path, labels: List[str], values: List[float], title: str, xlabel: str) -> Path:
+def _barh(path: Path, labels: list[str], values: list[float], title: str, xlabel: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(labels) + 1.2))
     ax.barh(range(len(labels)), values, color="#4c72b0")
     ax.set_yticks(range(len(labels)), labels)
@@ -26,9 +26,9 @@ def _barh(path: Path, labels: List[str], values: List[float], title: str, xlabel
     return path
 
 
-def make_all(results: Dict[str, Any], out: Path) -> List[str]:
+def make_all(results: dict[str, Any], out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    made: List[Path] = []
+    made: list[Path] = []
     for res in results.get("compare", []):
         rows = res["rows"]
         made.append(_barh(out / f"compare-{res['family']}.png", [r["name"] for r in rows],

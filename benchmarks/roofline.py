@@ -15,7 +15,6 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 
@@ -55,7 +54,7 @@ def gemm_shapes(f: ModelFile, family: str, img: int, txt: int) -> Counter:
     return shapes
 
 
-def step_flops(f: ModelFile, family: str, img: int, txt: int, width: int) -> Dict[str, float]:
+def step_flops(f: ModelFile, family: str, img: int, txt: int, width: int) -> dict[str, float]:
     matmul = sum(2.0 * r * i * o * n for (r, i, o), n in gemm_shapes(f, family, img, txt).items())
     attention = 0.0
     for name in f.tensors:
@@ -66,7 +65,7 @@ def step_flops(f: ModelFile, family: str, img: int, txt: int, width: int) -> Dic
     return {"matmul": matmul, "attention": attention, "total": matmul + attention}
 
 
-def gemm_peak(shapes: Counter, *, reps: int = 2, budget_s: float = 20.0) -> Dict[str, float]:
+def gemm_peak(shapes: Counter, *, reps: int = 2, budget_s: float = 20.0) -> dict[str, float]:
     """fp32 GFLOP/s of numpy on these GEMM shapes (each unique shape timed, best of reps),
     weighted by how often each occurs in a step."""
     rng = np.random.default_rng(0)
@@ -89,7 +88,7 @@ def gemm_peak(shapes: Counter, *, reps: int = 2, budget_s: float = 20.0) -> Dict
     return {"gflops": flops / seconds / 1e9 if seconds else float("nan"), "measured_gflop": flops / 1e9}
 
 
-def roofline(dit: Path, family: str, width: int, height: int, text_tokens: int, step_s: float) -> Dict[str, float]:
+def roofline(dit: Path, family: str, width: int, height: int, text_tokens: int, step_s: float) -> dict[str, float]:
     """Achieved GFLOP/s of a measured step against the fp32 GEMM peak of the same shapes."""
     f = inspect(dit)
     img = (width // 16) * (height // 16)

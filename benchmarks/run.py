@@ -20,7 +20,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
@@ -34,7 +34,7 @@ FAMILIES = ("z-image-turbo", "flux2-klein")
 SUITES = ("compare", "knobs", "roofline", "guide", "control")
 
 
-def parse(argv: List[str]) -> argparse.Namespace:
+def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models and small sizes: checks everything in minutes")
     ap.add_argument("--suites", default=",".join(SUITES))
@@ -66,7 +66,7 @@ def parse(argv: List[str]) -> argparse.Namespace:
     return a
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     args = parse(argv)
     from sdcpp_py.synthetic import write_model_set
     from sdcpp_py.system import sd_cli_path
@@ -77,7 +77,7 @@ def main(argv: List[str]) -> int:
     size = "tiny" if args.quick else "full"
     suites = args.suites.split(",")
     sd_cli = sd_cli_path()
-    results: Dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info(),
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info(),
                                "sd_cli": str(sd_cli), "upstream_sd_cli": str(compare.UPSTREAM_CLI)
                                if compare.UPSTREAM_CLI.exists() else None}
     md = [f"# sdcpp-py benchmarks ({size} synthetic models)", "",
@@ -147,7 +147,7 @@ def _variant() -> str:
     return sdcpp_py.system_info()["cpu_variant"]
 
 
-def _step_time(family: str, models, args, results: Dict[str, Any], work: Path):
+def _step_time(family: str, models, args, results: dict[str, Any], work: Path):
     """A DiT step time and text-token count: from this run's compare suite, or measured now."""
     for res in results.get("compare", []):
         if res["family"] == family:

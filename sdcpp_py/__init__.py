@@ -8,14 +8,25 @@
 from __future__ import annotations
 
 from ._version import ENGINE_COMMIT, ENGINE_VERSION, __version__
-from .errors import (Cancelled, ClosedError, CorruptModelError, EngineCrashed, GenerationError,
-                     IncompatibleModelError, InvalidArgumentError, LibraryError, ModelLoadError, ModelNotFoundError,
-                     ReentrantCallError, SdcppError)
 from .backends import BackendError
+from .errors import (
+                     Cancelled,
+                     ClosedError,
+                     CorruptModelError,
+                     EngineCrashed,
+                     GenerationError,
+                     IncompatibleModelError,
+                     InvalidArgumentError,
+                     LibraryError,
+                     ModelLoadError,
+                     ModelNotFoundError,
+                     ReentrantCallError,
+                     SdcppError,
+)
 from .pipeline import GenerationResult, Pipeline
 from .presets import FLUX2_KLEIN_4B, PRESETS, Z_IMAGE_TURBO, Preset, get_preset
-from .staged import Conditioning, Latent
 from .settings import SAMPLERS, SCHEDULERS, WEIGHT_TYPES, ContextSettings, GenerationSettings
+from .staged import Conditioning, Latent
 from .system import system_info
 
 __all__ = [

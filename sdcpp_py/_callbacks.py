@@ -14,7 +14,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from typing import Any, Callable, Iterator, List, Optional, Union
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from ._ffi import ffi, lib
 
@@ -76,11 +77,11 @@ atexit.register(_remove_log)
 
 
 class _ProgressState:
-    current: Optional["_ProgressState"] = None     # the state of the call running now
+    current: _ProgressState | None = None     # the state of the call running now
 
     def __init__(self, fn: ProgressFn) -> None:
         self.fn = fn
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     def raise_error(self) -> None:
         """Re-raise what the user's callback raised during the call, if anything."""
@@ -138,7 +139,7 @@ class TqdmProgress:
 
 
 @contextlib.contextmanager
-def progress_scope(fn: Union[ProgressFn, bool, None]) -> Iterator[_ProgressState]:
+def progress_scope(fn: ProgressFn | bool | None) -> Iterator[_ProgressState]:
     """Route the engine's progress to ``fn`` for the duration of the block.
 
     Without ``fn`` a silent callback is installed anyway (the engine would
@@ -171,7 +172,7 @@ class NativeLog(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.records: List[logging.LogRecord] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)

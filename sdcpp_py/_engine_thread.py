@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import logging
 import os
 import threading
-from typing import Any, Callable, Deque, Iterator, Optional, Protocol
-
-import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from ._ffi import lib
 from .errors import Cancelled, ReentrantCallError
@@ -48,7 +48,7 @@ class Owner:
 class Operation:
     """One public call: cancelled when its owner is cancelled after it began, or its token is set."""
 
-    def __init__(self, owner: Optional[Owner], token: Optional[CancelToken]) -> None:
+    def __init__(self, owner: Owner | None, token: CancelToken | None) -> None:
         self.owner = owner
         self.token = token
         self.epoch = owner.cancel_epoch if owner is not None else 0
@@ -64,14 +64,14 @@ class _Call:
     __slots__ = ("fn", "operation", "discard", "abandoned", "done", "result", "error")
 
     def __init__(self, fn: Callable[[], Any], operation: Operation,
-                 discard: Optional[Callable[[Any], None]] = None) -> None:
+                 discard: Callable[[Any], None] | None = None) -> None:
         self.fn = fn
         self.operation = operation
         self.discard = discard
         self.abandoned = False
         self.done = threading.Event()
         self.result: Any = None
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
 
 _STOP = object()
@@ -84,9 +84,9 @@ class EngineThread:
 
     def _reset(self) -> None:
         self._cv = threading.Condition()
-        self._queue: Deque[Any] = collections.deque()
-        self._thread: Optional[threading.Thread] = None
-        self._running: Optional[_Call] = None
+        self._queue: collections.deque[Any] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._running: _Call | None = None
         self._stopped = False
         self._local = threading.local()
 
@@ -95,12 +95,12 @@ class EngineThread:
     def on_engine_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def current_operation(self) -> Optional[Operation]:
+    def current_operation(self) -> Operation | None:
         """The operation of the caller's thread (None outside a pipeline call)."""
         return getattr(self._local, "operation", None)
 
     @contextlib.contextmanager
-    def operation(self, owner: Optional[Owner], token: Optional[CancelToken] = None) -> Iterator[Operation]:
+    def operation(self, owner: Owner | None, token: CancelToken | None = None) -> Iterator[Operation]:
         """Group the native calls of one public call; nested calls join the outer operation."""
         outer = self.current_operation()
         if outer is not None:
@@ -114,8 +114,8 @@ class EngineThread:
             self._local.operation = None
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, fn: Callable[[], Any], owner: Optional[Owner] = None,
-            token: Optional[CancelToken] = None, discard: Optional[Callable[[Any], None]] = None) -> Any:
+    def run(self, fn: Callable[[], Any], owner: Owner | None = None,
+            token: CancelToken | None = None, discard: Callable[[Any], None] | None = None) -> Any:
         """Run ``fn`` on the engine thread and return what it returns (or raise what it raised).
 
         Ctrl-C while waiting cancels the call, waits for it to stop (a second Ctrl-C stops
@@ -147,7 +147,7 @@ class EngineThread:
             self._cv.notify()
 
     def _wait(self, call: _Call) -> Any:
-        interrupt: Optional[BaseException] = None
+        interrupt: BaseException | None = None
         while not call.done.is_set():
             try:
                 if call.operation.token is None:

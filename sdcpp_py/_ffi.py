@@ -48,7 +48,7 @@ def _load():
     try:
         built_for = ffi.string(loaded.sdcpp_shim_version()).decode()
     except AttributeError:
-        raise LibraryError(f"{path} has no sdcpp_py shim: it is not a library built by this package")
+        raise LibraryError(f"{path} has no sdcpp_py shim: it is not a library built by this package") from None
     commit = ffi.string(loaded.sd_commit()).decode()
     if built_for != __version__ or commit != ENGINE_COMMIT:
         raise LibraryError(

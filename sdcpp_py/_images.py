@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 import numpy as np
 from PIL import Image
 
 from ._ffi import ffi
 from .errors import GenerationError, InvalidArgumentError
 
-ImageLike = Union[Image.Image, np.ndarray]
+ImageLike = Image.Image | np.ndarray
 
 
 def as_pil(image: ImageLike) -> Image.Image:

@@ -3,20 +3,18 @@ copied back into numpy, and the shim's error codes as exceptions."""
 
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import numpy as np
 
 from ._ffi import ffi, lib
 from .errors import Cancelled, InvalidArgumentError, SdcppError
 
-PartKey = Tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
+PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
 
 
 class TensorViews:
     """``sdcpp_tensor_t`` views over numpy arrays, alive as long as this object."""
 
-    def __init__(self, items: List[Tuple[PartKey, np.ndarray]]) -> None:
+    def __init__(self, items: list[tuple[PartKey, np.ndarray]]) -> None:
         self.arrays = []
         self.names = []
         self.views = ffi.new("sdcpp_tensor_t[]", max(len(items), 1))
@@ -40,7 +38,7 @@ class TensorViews:
         return self.views if self.count else ffi.NULL
 
 
-def read_result(result) -> List[Tuple[PartKey, np.ndarray]]:
+def read_result(result) -> list[tuple[PartKey, np.ndarray]]:
     """Copy every tensor of an ``sdcpp_result_t*`` into numpy, then free it."""
     try:
         out = []

@@ -15,7 +15,6 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
 
 from ._ffi import ffi, lib, library_path
 from .errors import SdcppError
@@ -27,7 +26,7 @@ BACKENDS = ("auto", "cpu", "vulkan")
 
 # ggml's x86 CPU variants and the instruction sets each is compiled for (ggml/src/CMakeLists.txt).
 _BASE = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2")
-X86_VARIANTS: Dict[str, tuple] = {
+X86_VARIANTS: dict[str, tuple] = {
     "x64": (), "sse42": ("SSE42",), "sandybridge": ("SSE42", "AVX"), "ivybridge": ("SSE42", "AVX", "F16C"),
     "piledriver": ("SSE42", "AVX", "F16C", "FMA"), "haswell": _BASE,
     "skylakex": _BASE + ("AVX512",), "cannonlake": _BASE + ("AVX512", "AVX512_VBMI"),
@@ -54,20 +53,20 @@ class Device:
 
 
 _lock = threading.Lock()
-_loaded: Optional[str] = None  # the CPU variant in use once loaded ("builtin" for a static build)
+_loaded: str | None = None  # the CPU variant in use once loaded ("builtin" for a static build)
 
 
 def _libdir() -> Path:
     return library_path().parent
 
 
-def available_cpu_variants() -> List[str]:
+def available_cpu_variants() -> list[str]:
     """The CPU modules installed with the package."""
     prefix = "libggml-cpu-"
     return sorted(p.name[len(prefix):-3] for p in _libdir().glob(prefix + "*.so"))
 
 
-def load(cpu_variant: Optional[str] = None) -> str:
+def load(cpu_variant: str | None = None) -> str:
     """Load the backend modules once; returns the CPU variant in use.
 
     ``cpu_variant`` (or ``$SDCPP_PY_CPU_VARIANT``) forces a module; otherwise ggml
@@ -105,7 +104,7 @@ def load(cpu_variant: Optional[str] = None) -> str:
         return _loaded
 
 
-def cpu_features() -> Dict[str, str]:
+def cpu_features() -> dict[str, str]:
     """What the loaded CPU backend reports (instruction sets compiled in, OpenMP, ...)."""
     reg = lib.ggml_backend_reg_by_name(b"CPU")
     if reg == ffi.NULL:
@@ -127,7 +126,7 @@ def reported_features(variant: str) -> set:
     return set(X86_VARIANTS.get(variant, ())) - {"SSE42", "AMX_TILE"}
 
 
-def _identify(features: Dict[str, str]) -> str:
+def _identify(features: dict[str, str]) -> str:
     """The richest variant whose instruction sets the loaded CPU module reports."""
     on = {k for k, v in features.items() if v not in ("0", "")}
     matches = [name for name in X86_VARIANTS if reported_features(name) <= on]
@@ -138,7 +137,7 @@ def cpu_variant() -> str:
     return load()
 
 
-def devices() -> List[Device]:
+def devices() -> list[Device]:
     """The devices contexts can run on (after loading the modules)."""
     load()
     kinds = {lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
@@ -154,7 +153,7 @@ def devices() -> List[Device]:
     return out
 
 
-def resolve_device(backend: str, device: Union[int, str, None] = None) -> Optional[str]:
+def resolve_device(backend: str, device: int | str | None = None) -> str | None:
     """The ggml device name a context should use (None: the engine's own choice)."""
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")

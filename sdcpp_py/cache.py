@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Generic, Hashable, Optional, TypeVar
+from typing import Generic, TypeVar
 
 V = TypeVar("V")
 
@@ -25,11 +26,11 @@ class EncodingCache(Generic[V]):
         if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
             raise ValueError("cache size must be an int >= 0")
         self.maxsize = maxsize
-        self._items: "OrderedDict[Hashable, V]" = OrderedDict()
+        self._items: OrderedDict[Hashable, V] = OrderedDict()
         self._hits = self._misses = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> Optional[V]:
+    def get(self, key: Hashable) -> V | None:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

@@ -8,14 +8,14 @@ exception for one such input instead.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ._images import ImageLike, as_pil
 from .errors import IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE
-from .settings import GenerationSettings, MAX_PIXELS
+from .settings import MAX_PIXELS, GenerationSettings
 from .staged import NEGATIVE, POSITIVE, Conditioning, Latent
 
 MAX_TOKENS = 16384                       # text tokens per conditioning part
@@ -44,7 +44,7 @@ def check_ref_images(images: Sequence[ImageLike]) -> None:
                                        "multiples of 16 (resize or crop it first)")
 
 
-def check_conditioning(c: Conditioning, family: str, context_dim: Optional[int]) -> None:
+def check_conditioning(c: Conditioning, family: str, context_dim: int | None) -> None:
     """A conditioning this model can take: made for its family, every part a float
     array of shape (tokens, width) or (1, tokens, width) with the DiT's text width."""
     if not isinstance(c, Conditioning):

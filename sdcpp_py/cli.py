@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
 
 DEMO_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
 
@@ -61,7 +60,7 @@ def _run(pipe_kwargs: dict, args: argparse.Namespace) -> int:
                                batch_count=args.batch_count)
         load_s, upcast = pipe.load_seconds, pipe.upcast
     outputs = []
-    for i, (image, seed) in enumerate(zip(result.images, result.seeds)):
+    for i, (image, _seed) in enumerate(zip(result.images, result.seeds, strict=False)):
         out = args.output if len(result.images) == 1 else args.output.with_stem(f"{args.output.stem}-{i}")
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
@@ -136,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

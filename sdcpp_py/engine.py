@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -27,7 +28,7 @@ from .errors import ClosedError, GenerationError, ModelLoadError
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle, file_stamp
 
 logger = logging.getLogger("sdcpp_py")
-Parts = List[Tuple[PartKey, np.ndarray]]
+Parts = list[tuple[PartKey, np.ndarray]]
 
 
 class Engine(Owner):
@@ -38,7 +39,7 @@ class Engine(Owner):
     ``release_diffusion``: free the diffusion model before each encoding.
     """
 
-    def __init__(self, paths: Dict[str, Optional[Path]], *, release_encoder: bool = False,
+    def __init__(self, paths: dict[str, Path | None], *, release_encoder: bool = False,
                  release_diffusion: bool = False, thread: EngineThread = ENGINE_THREAD) -> None:
         super().__init__()
         self.paths = paths
@@ -46,16 +47,16 @@ class Engine(Owner):
         self.release_diffusion_before = release_diffusion
         self.stamps = {ENCODER: file_stamp(paths.get("llm")), DIFFUSION: file_stamp(paths.get("diffusion_model"))}
         self.thread = thread
-        self.handle: Optional[ContextHandle] = None
+        self.handle: ContextHandle | None = None
         self.load_seconds = 0.0
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, fn: Callable[[Any], Any], *, token: Optional[CancelToken] = None,
-            discard: Optional[Callable[[Any], None]] = None) -> Any:
+    def run(self, fn: Callable[[Any], Any], *, token: CancelToken | None = None,
+            discard: Callable[[Any], None] | None = None) -> Any:
         """``fn(ctx)`` on the engine thread, this engine's context open (one hold)."""
         return self.thread.run(lambda: fn(self._ptr()), owner=self, token=token, discard=discard)
 
-    def operation(self, token: Optional[CancelToken] = None):
+    def operation(self, token: CancelToken | None = None):
         """Make the calls in the block one operation: cancel() stops all of them."""
         return self.thread.operation(self, token)
 
@@ -68,8 +69,8 @@ class Engine(Owner):
             raise ClosedError("this Pipeline is closed")
         return self.handle.ptr
 
-    def _native(self, fn, *args, progress: Optional[ProgressFn] = None, error=GenerationError,
-                cleanup: Optional[Callable[[], None]] = None) -> float:
+    def _native(self, fn, *args, progress: ProgressFn | None = None, error=GenerationError,
+                cleanup: Callable[[], None] | None = None) -> float:
         """One shim call (on the engine thread), progress routed; returns its seconds.
 
         A progress callback that raises stops the call (the engine's abort flag); what
@@ -85,7 +86,7 @@ class Engine(Owner):
         return time.perf_counter() - start
 
     # -- lifecycle -------------------------------------------------------------------------
-    def open(self, params, keep: List[Any], *, defer_mask: int, device: str, weight_buffers: str) -> None:
+    def open(self, params, keep: list[Any], *, defer_mask: int, device: str, weight_buffers: str) -> None:
         """Create the context (``keep``: what ``params`` points into)."""
         def create():
             start = time.perf_counter()
@@ -121,16 +122,16 @@ class Engine(Owner):
     def loaded(self, component: int) -> bool:
         return bool(self.run(lambda ctx: lib.sdcpp_component_loaded(ctx, component)))
 
-    def weight_bytes(self) -> Dict[str, int]:
+    def weight_bytes(self) -> dict[str, int]:
         return self.run(lambda ctx: {"encoder": int(lib.sdcpp_component_bytes(ctx, ENCODER)),
                                      "diffusion": int(lib.sdcpp_component_bytes(ctx, DIFFUSION))})
 
-    def all_buffers(self) -> Dict[str, str]:
+    def all_buffers(self) -> dict[str, str]:
         """Per component, ``"CPU=..,CPU_REPACK=.."``: its resident bytes per buffer ("" released)."""
         return self.run(self._buffers)
 
     @staticmethod
-    def _buffers(ctx) -> Dict[str, str]:
+    def _buffers(ctx) -> dict[str, str]:
         out = {}
         for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER)):
             text = ffi.new("char[]", 1024)
@@ -167,7 +168,7 @@ class Engine(Owner):
         if self.release_encoder_after:
             self._release(ctx, ENCODER)
 
-    def borrow_encoder(self, owner: "Engine") -> None:
+    def borrow_encoder(self, owner: Engine) -> None:
         """Use ``owner``'s text encoder (this context's own is freed): one copy for both."""
         def share(ctx):
             check(lib.sdcpp_share_encoder(owner._ptr(), ctx), ModelLoadError)
@@ -176,10 +177,15 @@ class Engine(Owner):
 
     @property
     def sharing(self) -> bool:
-        return self.handle is not None and self.handle.sharing
+        """Whether another open context uses this one's text encoder (read on the engine thread,
+        after the frees queued so far)."""
+        handle = self.handle
+        if handle is None or handle.ptr is None:
+            return False
+        return bool(self.thread.run(lambda: handle.ptr is not None and handle.sharing))
 
     # -- the engine's calls ------------------------------------------------------------------
-    def default_sampler(self, sampler: Optional[str]) -> Tuple[str, int]:
+    def default_sampler(self, sampler: str | None) -> tuple[str, int]:
         """The sampler's name (the engine's default when None) and its method id."""
         def read(ctx):
             method = (lib.sd_get_default_sample_method(ctx) if sampler is None
@@ -188,10 +194,12 @@ class Engine(Owner):
         return self.run(read)
 
     def default_scheduler(self, method: int) -> str:
-        return self.run(lambda ctx: ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode())
+        def read(ctx) -> str:
+            return ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode()
+        return self.run(read)
 
-    def generate(self, params, keep: List[Any], batch_count: int, *, progress: Optional[ProgressFn] = None,
-                 token: Optional[CancelToken] = None) -> Tuple[List[Image.Image], float, Dict[str, str]]:
+    def generate(self, params, keep: list[Any], batch_count: int, *, progress: ProgressFn | None = None,
+                 token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str]]:
         """Upstream's generate_image: ``batch_count`` images, the seconds it took and the
         buffers of the weights after it (``all_buffers``, in the same hold)."""
         def generate(ctx):
@@ -216,8 +224,8 @@ class Engine(Owner):
                 free()
         return self.run(generate, token=token)
 
-    def encode(self, params, keep: List[Any], with_negative: bool, *,
-               token: Optional[CancelToken] = None) -> Tuple[Parts, float]:
+    def encode(self, params, keep: list[Any], with_negative: bool, *,
+               token: CancelToken | None = None) -> tuple[Parts, float]:
         """Text to conditioning parts (and the seconds the encoder ran)."""
         def encode(ctx):
             self._before_encoding(ctx)
@@ -230,9 +238,9 @@ class Engine(Owner):
             return read_result(out[0]), seconds
         return self.run(encode, token=token)
 
-    def denoise(self, params, keep: List[Any], condition: Parts, init_latent: Optional[np.ndarray],
-                noise: Optional[np.ndarray], *, progress: Optional[ProgressFn] = None,
-                token: Optional[CancelToken] = None) -> Tuple[np.ndarray, float]:
+    def denoise(self, params, keep: list[Any], condition: Parts, init_latent: np.ndarray | None,
+                noise: np.ndarray | None, *, progress: ProgressFn | None = None,
+                token: CancelToken | None = None) -> tuple[np.ndarray, float]:
         """Conditioning (+ init latent, + noise) to one latent."""
         cond = TensorViews(condition)
         init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
@@ -249,8 +257,8 @@ class Engine(Owner):
             return data, seconds
         return self.run(denoise, token=token)
 
-    def decode(self, params, keep: List[Any], latent: np.ndarray, *,
-               token: Optional[CancelToken] = None) -> Image.Image:
+    def decode(self, params, keep: list[Any], latent: np.ndarray, *,
+               token: CancelToken | None = None) -> Image.Image:
         view = TensorViews([((0, "latent", 0), latent)])
 
         def decode(ctx):
@@ -262,7 +270,7 @@ class Engine(Owner):
                 lib.free(image.data)
         return self.run(decode, token=token)
 
-    def encode_image(self, params, keep: List[Any], image, *, token: Optional[CancelToken] = None) -> np.ndarray:
+    def encode_image(self, params, keep: list[Any], image, *, token: CancelToken | None = None) -> np.ndarray:
         """An ``sd_image_t*`` (kept alive by ``keep``) to a latent."""
         def encode(ctx):
             out = ffi.new("sdcpp_result_t**")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from .errors import IncompatibleModelError, ModelLoadError
 from .modelfile import ModelFile, inspect
@@ -36,16 +35,16 @@ class Components:
     """What the headers of a model file set say (sizes in elements)."""
 
     family: str
-    dit_hidden: Optional[int] = None
-    dit_context_dim: Optional[int] = None   # text-encoder width the DiT expects
-    llm_hidden: Optional[int] = None
-    llm_layers: Optional[int] = None
-    vae_channels: Optional[int] = None
-    llm_vocab: Optional[int] = None
+    dit_hidden: int | None = None
+    dit_context_dim: int | None = None   # text-encoder width the DiT expects
+    llm_hidden: int | None = None
+    llm_layers: int | None = None
+    vae_channels: int | None = None
+    llm_vocab: int | None = None
     vae_has_encoder: bool = True            # False: a decode-only VAE file (text-to-image only)
 
     @property
-    def llm_output_dim(self) -> Optional[int]:
+    def llm_output_dim(self) -> int | None:
         """Width of the conditioning the text encoder will produce for this family."""
         if self.llm_hidden is None or self.llm_layers is None:
             return None
@@ -62,7 +61,7 @@ def detect_family(f: ModelFile) -> str:
     return UNKNOWN
 
 
-def _dit_sizes(f: ModelFile, family: str) -> tuple[Optional[int], Optional[int]]:
+def _dit_sizes(f: ModelFile, family: str) -> tuple[int | None, int | None]:
     if family == Z_IMAGE:
         t = f.find("cap_embedder.1.weight")  # (hidden, cap_feat_dim)
     elif family in (FLUX2_KLEIN, FLUX2_DEV):
@@ -74,7 +73,7 @@ def _dit_sizes(f: ModelFile, family: str) -> tuple[Optional[int], Optional[int]]
     return t.shape[0], t.shape[1]
 
 
-def _llm_sizes(f: ModelFile) -> tuple[Optional[int], Optional[int], Optional[int]]:
+def _llm_sizes(f: ModelFile) -> tuple[int | None, int | None, int | None]:
     """(hidden, layers, vocabulary) of a text encoder; the embedding is (vocab, hidden)."""
     emb = f.find("token_embd.weight") or f.find("embed_tokens.weight")
     if emb is None or len(emb.shape) != 2:
@@ -83,13 +82,13 @@ def _llm_sizes(f: ModelFile) -> tuple[Optional[int], Optional[int], Optional[int
     return emb.shape[1], layers, emb.shape[0]
 
 
-def _vae_channels(f: ModelFile) -> Optional[int]:
+def _vae_channels(f: ModelFile) -> int | None:
     t = f.find("decoder.conv_in.weight")  # (width, latent channels, 3, 3)
     return t.shape[1] if t is not None and len(t.shape) == 4 else None
 
 
-def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[Path] = None,
-                     llm: Optional[Path] = None, vae: Optional[Path] = None) -> Components:
+def check_components(*, model: Path | None = None, diffusion_model: Path | None = None,
+                     llm: Path | None = None, vae: Path | None = None) -> Components:
     """Inspect the given files and raise if they cannot work together.
 
     Missing files raise ModelNotFoundError, unreadable ones CorruptModelError,
@@ -127,7 +126,8 @@ def check_components(*, model: Optional[Path] = None, diffusion_model: Optional[
             f"{family} needs a VAE (vae=...): "
             + ("none given" if vae_file is None else f"{vae_file.path} has no decoder.conv_in"))
     if llm_vocab is not None and llm_vocab < MIN_QWEN_VOCAB:
-        raise IncompatibleModelError(f"text encoder {enc.path if enc else None} has a vocabulary of {llm_vocab} tokens; "
+        raise IncompatibleModelError(f"text encoder {enc.path if enc else None} has a vocabulary of "
+                                     f"{llm_vocab} tokens; "
                                      f"Qwen3's prompt template needs at least {MIN_QWEN_VOCAB}")
     want = VAE_CHANNELS[family]
     if vae_ch != want:

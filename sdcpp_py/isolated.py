@@ -27,7 +27,7 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -46,11 +46,11 @@ _POLL_S = 0.05
 
 # -- shared memory codec ----------------------------------------------------------------------
 class _Pickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO, blocks: List[SharedMemory]) -> None:
+    def __init__(self, file: io.BytesIO, blocks: list[SharedMemory]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.blocks = blocks
 
-    def persistent_id(self, obj: Any) -> Optional[Tuple]:
+    def persistent_id(self, obj: Any) -> tuple | None:
         if isinstance(obj, Image.Image):
             a = np.asarray(obj)
             return ("image", self._put(a), a.shape, a.dtype.str, obj.mode)
@@ -66,7 +66,7 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    def persistent_load(self, pid: Tuple) -> Any:
+    def persistent_load(self, pid: tuple) -> Any:
         kind, name, shape, dtype, mode = pid
         block = _attach(name)
         try:
@@ -90,7 +90,7 @@ def _attach(name: str) -> SharedMemory:
         return block
 
 
-def _dumps(obj: Any, blocks: List[SharedMemory]) -> bytes:
+def _dumps(obj: Any, blocks: list[SharedMemory]) -> bytes:
     f = io.BytesIO()
     _Pickler(f, blocks).dump(obj)
     return f.getvalue()
@@ -100,7 +100,7 @@ def _loads(data: bytes) -> Any:
     return _Unpickler(io.BytesIO(data)).load()
 
 
-def _free(blocks: List[SharedMemory]) -> None:
+def _free(blocks: list[SharedMemory]) -> None:
     """The sender's blocks, once the receiver has copied them out."""
     for b in blocks:
         b.close()
@@ -118,7 +118,7 @@ def _child_main() -> None:
     _serve(conn, _loads(conn.recv_bytes()), sys.argv[2])
 
 
-def _serve(conn, kwargs: Dict[str, Any], log_path: str) -> None:
+def _serve(conn, kwargs: dict[str, Any], log_path: str) -> None:
     """The worker's main: one Pipeline, calls until "close" or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
@@ -129,9 +129,9 @@ def _serve(conn, kwargs: Dict[str, Any], log_path: str) -> None:
     root = logging.getLogger("sdcpp_py")
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    blocks: List[SharedMemory] = []
+    blocks: list[SharedMemory] = []
 
-    def send(message: Tuple) -> None:
+    def send(message: tuple) -> None:
         conn.send_bytes(_dumps(message, blocks))
 
     try:
@@ -177,10 +177,10 @@ _MIRRORED = ("family", "components", "preset", "paths", "settings", "encoder_id"
 class Worker:
     """The process serving one isolated pipeline: started, restarted after a crash, stopped."""
 
-    def __init__(self, kwargs: Dict[str, Any]) -> None:
+    def __init__(self, kwargs: dict[str, Any]) -> None:
         self.kwargs = kwargs
-        self.process: Optional[subprocess.Popen] = None
-        self.conn: Optional[Connection] = None
+        self.process: subprocess.Popen | None = None
+        self.conn: Connection | None = None
         self.log_path = ""
         self.starts = 0
         self.load_seconds = 0.0
@@ -189,7 +189,7 @@ class Worker:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> Dict[str, Any]:
+    def start(self) -> dict[str, Any]:
         fd, self.log_path = tempfile.mkstemp(prefix="sdcpp-worker-", suffix=".log")
         os.close(fd)
         ours, theirs = socket.socketpair()
@@ -204,13 +204,13 @@ class Worker:
         self.load_seconds = time.perf_counter() - start
         return info
 
-    def call(self, kind: str, name: str, args: Tuple = (), kwargs: Optional[Dict[str, Any]] = None,
+    def call(self, kind: str, name: str, args: tuple = (), kwargs: dict[str, Any] | None = None,
              progress: Any = None, token: Any = None) -> Any:
         if not self.alive:
             logger.info("starting the engine worker again")
             self.stop()
             self.start()
-        blocks: List[SharedMemory] = []
+        blocks: list[SharedMemory] = []
         try:
             assert self.conn is not None
             self.conn.send_bytes(_dumps((kind, name, args, kwargs or {}), blocks))
@@ -218,11 +218,11 @@ class Worker:
         finally:
             _free(blocks)
 
-    def _reply(self, blocks: List[SharedMemory], progress: Any, token: Any) -> Any:
+    def _reply(self, blocks: list[SharedMemory], progress: Any, token: Any) -> Any:
         conn = self.conn
         assert conn is not None
-        interrupt: Optional[BaseException] = None
-        progress_error: Optional[BaseException] = None
+        interrupt: BaseException | None = None
+        progress_error: BaseException | None = None
         while True:
             try:
                 if token is not None and not conn.poll(_POLL_S):
@@ -310,7 +310,7 @@ class IsolatedPipeline(Pipeline):
     Every method and property of Pipeline works and gives the same pixels; an engine
     abort raises EngineCrashed, and the next call starts a new worker."""
 
-    def __init__(self, *, isolate: bool = True, share_encoder_with: Optional[Pipeline] = None,
+    def __init__(self, *, isolate: bool = True, share_encoder_with: Pipeline | None = None,
                  **kwargs: Any) -> None:
         if share_encoder_with is not None:
             raise InvalidArgumentError("isolated pipelines cannot share a text encoder (each has its own process)")
@@ -355,7 +355,7 @@ class IsolatedPipeline(Pipeline):
         return self._closed
 
     @property
-    def worker_pid(self) -> Optional[int]:
+    def worker_pid(self) -> int | None:
         """The worker process's id (None until it starts again after a crash)."""
         process = self._worker.process
         return process.pid if process is not None and self._worker.alive else None
@@ -369,7 +369,7 @@ class IsolatedPipeline(Pipeline):
         self._worker.call("abort", "")
 
     # calls
-    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult: 
+    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
         return self._call("generate", prompt, **kwargs)
 
     __call__ = generate
@@ -380,7 +380,7 @@ class IsolatedPipeline(Pipeline):
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
         return self._call("settings_for", prompt, **overrides)
 
-    def encode(self, prompt: str, negative_prompt: Optional[str] = None, **kwargs: Any) -> Conditioning:
+    def encode(self, prompt: str, negative_prompt: str | None = None, **kwargs: Any) -> Conditioning:
         return self._call("encode", prompt, negative_prompt, **kwargs)
 
     def denoise(self, conditioning: Conditioning, **kwargs: Any) -> Latent:
@@ -408,11 +408,11 @@ class IsolatedPipeline(Pipeline):
         return self._get("diffusion_loaded")
 
     @property
-    def weight_bytes(self) -> Dict[str, int]:
+    def weight_bytes(self) -> dict[str, int]:
         return self._get("weight_bytes")
 
     @property
-    def weights(self) -> Dict[str, Any]:
+    def weights(self) -> dict[str, Any]:
         return self._get("weights")
 
     @property

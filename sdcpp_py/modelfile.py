@@ -12,14 +12,14 @@ import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Dict, Optional, Tuple, Union
+from typing import BinaryIO
 
 from .errors import CorruptModelError, ModelNotFoundError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 # ggml type id -> (name, elements per block, bytes per block)
-GGML_TYPES: Dict[int, Tuple[str, int, int]] = {
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
     10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
@@ -40,7 +40,7 @@ _MAX_STRING = 1 << 24
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    shape: Tuple[int, ...]  # PyTorch order (outermost first); GGUF's ne order reversed
+    shape: tuple[int, ...]  # PyTorch order (outermost first); GGUF's ne order reversed
     dtype: str
 
 
@@ -48,10 +48,10 @@ class TensorInfo:
 class ModelFile:
     path: Path
     format: str  # "gguf" | "safetensors"
-    tensors: Dict[str, TensorInfo]
-    metadata: Dict[str, object] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, object] = field(default_factory=dict)
 
-    def find(self, suffix: str) -> Optional[TensorInfo]:
+    def find(self, suffix: str) -> TensorInfo | None:
         """The tensor whose name is ``suffix`` or ends with ``"." + suffix``."""
         t = self.tensors.get(suffix)
         if t is not None:
@@ -112,7 +112,7 @@ def _read_safetensors(p: Path, f: BinaryIO, size: int) -> ModelFile:
         raise CorruptModelError(f"{p}: safetensors header is not a JSON object")
     data_size = size - 8 - n
     metadata = header.pop("__metadata__", None) or {}
-    tensors: Dict[str, TensorInfo] = {}
+    tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         dtype = entry["dtype"]
         shape = tuple(int(d) for d in entry["shape"])
@@ -178,7 +178,7 @@ def _read_gguf(p: Path, f: BinaryIO, size: int) -> ModelFile:
     n_tensors, n_kv = r.take("<Q"), r.take("<Q")
     if n_tensors > _MAX_COUNT or n_kv > _MAX_COUNT:
         raise CorruptModelError(f"{p}: implausible GGUF counts ({n_tensors} tensors, {n_kv} keys)")
-    metadata: Dict[str, object] = {}
+    metadata: dict[str, object] = {}
     for _ in range(n_kv):
         key = r.string()
         metadata[key] = r.value(r.take("<I"))
@@ -195,7 +195,7 @@ def _read_gguf(p: Path, f: BinaryIO, size: int) -> ModelFile:
     if alignment <= 0:
         raise CorruptModelError(f"{p}: bad GGUF alignment {alignment}")
     data_start = -(-f.tell() // alignment) * alignment
-    tensors: Dict[str, TensorInfo] = {}
+    tensors: dict[str, TensorInfo] = {}
     for name, ne, type_id, offset in raw:
         if type_id not in GGML_TYPES:
             raise CorruptModelError(f"{p}: tensor {name} has unknown ggml type {type_id}")

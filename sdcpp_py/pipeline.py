@@ -12,9 +12,10 @@ import hashlib
 import logging
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 from PIL import Image
@@ -36,7 +37,7 @@ from .staged import Conditioning, Latent
 from .weights import WeightPlan, parse_buffers, plan_weights
 
 logger = logging.getLogger("sdcpp_py")
-PathLike = Union[str, Path]
+PathLike = str | Path
 LATENT_SCALE = {Z_IMAGE: 8, FLUX2_KLEIN: 16, FLUX2_DEV: 16}
 
 
@@ -44,18 +45,18 @@ LATENT_SCALE = {Z_IMAGE: 8, FLUX2_KLEIN: 16, FLUX2_DEV: 16}
 class GenerationResult:
     """Images of one call, the settings that made them and where the time went."""
 
-    images: List[Image.Image]
+    images: list[Image.Image]
     settings: GenerationSettings
-    seeds: List[int]
-    timings: Dict[str, float] = field(default_factory=dict)
-    weights: Dict[str, Any] = field(default_factory=dict)   # the weight policy's plan and buffers
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)   # the weight policy's plan and buffers
 
     @property
     def image(self) -> Image.Image:
         return self.images[0]
 
     @property
-    def arrays(self) -> List[np.ndarray]:
+    def arrays(self) -> list[np.ndarray]:
         """The images as ``uint8`` arrays of shape (height, width, channels)."""
         return [np.asarray(im) for im in self.images]
 
@@ -77,25 +78,25 @@ class Pipeline:
     (``threading.Event``) and Ctrl-C stop a call within the graph it computes.
     """
 
-    def __new__(cls, *args: Any, isolate: bool = False, **kwargs: Any) -> "Pipeline":
+    def __new__(cls, *args: Any, isolate: bool = False, **kwargs: Any) -> Pipeline:
         if isolate and cls is Pipeline:
             from .isolated import IsolatedPipeline
             return super().__new__(IsolatedPipeline)
         return super().__new__(cls)
 
-    def __init__(self, *, model: Optional[PathLike] = None, diffusion_model: Optional[PathLike] = None,
-                 llm: Optional[PathLike] = None, vae: Optional[PathLike] = None,
-                 settings: Optional[ContextSettings] = None, preset: Union[str, Preset, None] = None,
-                 cache_size: int = 16, share_encoder_with: Optional["Pipeline"] = None,
+    def __init__(self, *, model: PathLike | None = None, diffusion_model: PathLike | None = None,
+                 llm: PathLike | None = None, vae: PathLike | None = None,
+                 settings: ContextSettings | None = None, preset: str | Preset | None = None,
+                 cache_size: int = 16, share_encoder_with: Pipeline | None = None,
                  isolate: bool = False, **settings_kwargs: Any) -> None:
         if settings is not None and settings_kwargs:
             raise TypeError("give settings= or setting keywords, not both")
         self.settings = settings if settings is not None else ContextSettings(**settings_kwargs)
-        self.paths: Dict[str, Optional[Path]] = {
+        self.paths: dict[str, Path | None] = {
             "model": _path(model), "diffusion_model": _path(diffusion_model), "llm": _path(llm), "vae": _path(vae)}
         self.components: Components = check_components(**self.paths)
         self.family = self.components.family
-        self.preset: Optional[Preset] = get_preset(preset) if preset is not None else preset_for_family(self.family)
+        self.preset: Preset | None = get_preset(preset) if preset is not None else preset_for_family(self.family)
         self.encoder_id = _file_identity(self.paths["llm"] or self.paths["model"])
         self.encodings: EncodingCache[Conditioning] = EncodingCache(cache_size)
         self.load_count = 0
@@ -146,18 +147,18 @@ class Pipeline:
         return self.weight_plan
 
     @property
-    def weights(self) -> Dict[str, Any]:
+    def weights(self) -> dict[str, Any]:
         """The weight policy's plan, and each component's resident bytes per buffer now
         (``{"CPU": ..., "CPU_REPACK": ...}``; empty while released)."""
         return self._weights(self._engine.all_buffers())
 
-    def _weights(self, buffers: Dict[str, str]) -> Dict[str, Any]:
+    def _weights(self, buffers: dict[str, str]) -> dict[str, Any]:
         out = self.weight_plan.to_dict()
         out["cpu_variant"] = backends.load() if self.device == "CPU" else None
         out["buffers"] = {name: parse_buffers(text) for name, text in buffers.items()}
         return out
 
-    def _resolve_device(self) -> Optional[str]:
+    def _resolve_device(self) -> str | None:
         """The ggml device this context runs on (None: the engine's choice); sets ``self.device``."""
         backends.load()
         device = backends.resolve_device(self.settings.backend, self.settings.device)
@@ -182,7 +183,7 @@ class Pipeline:
     def closed(self) -> bool:
         return self._engine.closed
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -202,7 +203,7 @@ class Pipeline:
         return self._engine.loaded(DIFFUSION)
 
     @property
-    def weight_bytes(self) -> Dict[str, int]:
+    def weight_bytes(self) -> dict[str, int]:
         """Bytes of weights resident now, per component (0 while released)."""
         return self._engine.weight_bytes()
 
@@ -224,7 +225,7 @@ class Pipeline:
     def shares_encoder(self) -> bool:
         return self._engine.sharing
 
-    def _load_sharing_encoder(self, other: "Pipeline") -> None:
+    def _load_sharing_encoder(self, other: Pipeline) -> None:
         """Load everything but the text encoder, then borrow ``other``'s (one copy in memory,
         loaded once)."""
         if not isinstance(other, Pipeline):
@@ -246,7 +247,7 @@ class Pipeline:
     # -- settings ----------------------------------------------------------------------------
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
         """The GenerationSettings a call with these arguments would use (seed resolved)."""
-        defaults: Dict[str, Any] = dict(self.preset.generation_defaults()) if self.preset else {}
+        defaults: dict[str, Any] = dict(self.preset.generation_defaults()) if self.preset else {}
         given = {k: v for k, v in overrides.items() if v is not None}
         merged = {**defaults, **given}
         merged["seed"] = resolve_seed(overrides.get("seed"))
@@ -261,14 +262,14 @@ class Pipeline:
         return GenerationSettings(**{**s.to_dict(), "sampler": s.sampler or sampler, "scheduler": scheduler})
 
     # -- one-shot generation -----------------------------------------------------------------
-    def generate(self, prompt: str, *, negative_prompt: str = "", width: Optional[int] = None,
-                 height: Optional[int] = None, steps: Optional[int] = None,
-                 cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
-                 scheduler: Optional[str] = None, seed: Optional[int] = None, batch_count: int = 1,
-                 flow_shift: Optional[float] = None, guidance: Optional[float] = None,
-                 sigmas: Optional[Sequence[float]] = None, init_image: Optional[ImageLike] = None,
-                 strength: Optional[float] = None, ref_images: Sequence[ImageLike] = (),
-                 progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> GenerationResult:
+    def generate(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
+                 height: int | None = None, steps: int | None = None,
+                 cfg_scale: float | None = None, sampler: str | None = None,
+                 scheduler: str | None = None, seed: int | None = None, batch_count: int = 1,
+                 flow_shift: float | None = None, guidance: float | None = None,
+                 sigmas: Sequence[float] | None = None, init_image: ImageLike | None = None,
+                 strength: float | None = None, ref_images: Sequence[ImageLike] = (),
+                 progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> GenerationResult:
         """Text (and optionally an init image, or reference images) to image in one call.
 
         Unset arguments take the preset's defaults; ``seed=None`` draws a random
@@ -283,9 +284,9 @@ class Pipeline:
 
     __call__ = generate
 
-    def generate_with(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
-                      ref_images: Sequence[ImageLike] = (), progress: Optional[ProgressFn] = None,
-                      cancel: Optional[CancelToken] = None) -> GenerationResult:
+    def generate_with(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
+                      ref_images: Sequence[ImageLike] = (), progress: ProgressFn | None = None,
+                      cancel: CancelToken | None = None) -> GenerationResult:
         """Generate with fully specified settings (upstream's generate_image).
 
         With ``release_diffusion`` the same steps run as staged calls (same pixels),
@@ -303,8 +304,8 @@ class Pipeline:
                                                              token=cancel)
             return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
 
-    def _generate_staged(self, s: GenerationSettings, *, init_image: Optional[ImageLike],
-                         ref_images: Sequence[ImageLike], progress: Optional[ProgressFn]) -> GenerationResult:
+    def _generate_staged(self, s: GenerationSettings, *, init_image: ImageLike | None,
+                         ref_images: Sequence[ImageLike], progress: ProgressFn | None) -> GenerationResult:
         """generate_image's steps as staged calls: encode, (encode the init image), then per
         image of the batch denoise with seed + i and decode."""
         start = time.perf_counter()
@@ -324,11 +325,11 @@ class Pipeline:
         return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start},
                                 self._weights(buffers))
 
-    def _params(self, s: GenerationSettings, *, init_image: Optional[ImageLike] = None,
+    def _params(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
                 ref_images: Sequence[ImageLike] = ()):
         params = ffi.new("sd_img_gen_params_t*")
         lib.sd_img_gen_params_init(params)
-        keep: List[Any] = s.fill(params)
+        keep: list[Any] = s.fill(params)
         if init_image is not None:
             keep.append(fill_image(params.init_image, init_image))
         if ref_images:
@@ -342,8 +343,8 @@ class Pipeline:
         return params, keep
 
     # -- staged generation -------------------------------------------------------------------
-    def encode(self, prompt: str, negative_prompt: Optional[str] = None, *,
-               use_cache: bool = True, cancel: Optional[CancelToken] = None) -> Conditioning:
+    def encode(self, prompt: str, negative_prompt: str | None = None, *,
+               use_cache: bool = True, cancel: CancelToken | None = None) -> Conditioning:
         """Encode a prompt (and, if given, a negative prompt) once for many denoise() calls.
 
         A negative encoding is needed for ``cfg_scale != 1``; pass ``negative_prompt=""``
@@ -364,13 +365,13 @@ class Pipeline:
             self.encodings.put(key, cond)
         return cond
 
-    def denoise(self, conditioning: Conditioning, *, width: Optional[int] = None, height: Optional[int] = None,
-                steps: Optional[int] = None, cfg_scale: Optional[float] = None, sampler: Optional[str] = None,
-                scheduler: Optional[str] = None, seed: Optional[int] = None, flow_shift: Optional[float] = None,
-                guidance: Optional[float] = None, sigmas: Optional[Sequence[float]] = None,
-                init_latent: Optional[Latent] = None, strength: Optional[float] = None,
-                noise: Optional[np.ndarray] = None, ref_images: Sequence[ImageLike] = (),
-                progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Latent:
+    def denoise(self, conditioning: Conditioning, *, width: int | None = None, height: int | None = None,
+                steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
+                scheduler: str | None = None, seed: int | None = None, flow_shift: float | None = None,
+                guidance: float | None = None, sigmas: Sequence[float] | None = None,
+                init_latent: Latent | None = None, strength: float | None = None,
+                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
+                progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> Latent:
         """Sample one latent from a conditioning, as generate() samples it for the same seed."""
         self._check_conditioning(conditioning)
         self._check_vae_encoder(None, ref_images)
@@ -400,14 +401,14 @@ class Pipeline:
 
     @overload
     def decode(self, latent: Latent, *, output_type: Literal["pil"] = ...,
-               cancel: Optional[CancelToken] = None) -> Image.Image: ...
+               cancel: CancelToken | None = None) -> Image.Image: ...
 
     @overload
     def decode(self, latent: Latent, *, output_type: Literal["np"],
-               cancel: Optional[CancelToken] = None) -> np.ndarray: ...
+               cancel: CancelToken | None = None) -> np.ndarray: ...
 
     def decode(self, latent: Latent, *, output_type: str = "pil",
-               cancel: Optional[CancelToken] = None) -> Union[Image.Image, np.ndarray]:
+               cancel: CancelToken | None = None) -> Image.Image | np.ndarray:
         """Latent to image: a PIL image, or with ``output_type="np"`` a uint8 array (H, W, 3)."""
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError("output_type must be 'pil' or 'np'")
@@ -417,8 +418,8 @@ class Pipeline:
         pil = self._engine.decode(params, keep, latent.data, token=cancel)
         return pil if output_type == "pil" else np.asarray(pil)
 
-    def encode_image(self, image: ImageLike, *, seed: int = 0, width: Optional[int] = None,
-                     height: Optional[int] = None, cancel: Optional[CancelToken] = None) -> Latent:
+    def encode_image(self, image: ImageLike, *, seed: int = 0, width: int | None = None,
+                     height: int | None = None, cancel: CancelToken | None = None) -> Latent:
         """Image to latent (the VAE encoder), seeded as generate() seeds an init image's encoding."""
         pil = as_pil(image)
         self._check_vae_encoder(pil, ())
@@ -449,7 +450,7 @@ class Pipeline:
     def _check_latent(self, latent: Latent) -> None:
         check_latent(latent, self.family)
 
-    def _check_vae_encoder(self, init_image: Optional[ImageLike], ref_images: Sequence[ImageLike]) -> None:
+    def _check_vae_encoder(self, init_image: ImageLike | None, ref_images: Sequence[ImageLike]) -> None:
         if not self.components.vae_has_encoder and (init_image is not None or ref_images):
             what = "an init image (img2img)" if init_image is not None else "reference images"
             raise InvalidArgumentError(f"{what} needs the VAE encoder, and {self.paths['vae'] or self.paths['model']} "
@@ -457,10 +458,11 @@ class Pipeline:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        return f"<Pipeline {self.family} {state} device={getattr(self, 'device', None)} threads={self.settings.n_threads}>"
+        device = getattr(self, "device", None)
+        return f"<Pipeline {self.family} {state} device={device} threads={self.settings.n_threads}>"
 
 
-def _path(p: Optional[PathLike]) -> Optional[Path]:
+def _path(p: PathLike | None) -> Path | None:
     if p is None:
         return None
     if not isinstance(p, (str, Path)):
@@ -468,7 +470,7 @@ def _path(p: Optional[PathLike]) -> Optional[Path]:
     return Path(p).expanduser().resolve()
 
 
-def _file_identity(p: Optional[Path]) -> str:
+def _file_identity(p: Path | None) -> str:
     if p is None:
         return "none"
     st = p.stat()

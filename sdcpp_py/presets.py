@@ -15,7 +15,6 @@ import fnmatch
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 from .errors import InvalidArgumentError, ModelNotFoundError
 from .families import FLUX2_KLEIN, Z_IMAGE
@@ -43,10 +42,10 @@ class Preset:
     sampler: str
     width: int
     height: int
-    hub: Dict[str, HubFile]        # component -> where its weights live
+    hub: dict[str, HubFile]        # component -> where its weights live
     default_quant: str = "Q4_K"
 
-    def generation_defaults(self) -> Dict[str, object]:
+    def generation_defaults(self) -> dict[str, object]:
         return {"steps": self.steps, "cfg_scale": self.cfg_scale, "sampler": self.sampler,
                 "width": self.width, "height": self.height}
 
@@ -74,7 +73,7 @@ FLUX2_KLEIN_4B = Preset(
     },
 )
 
-PRESETS: Dict[str, Preset] = {p.name: p for p in (Z_IMAGE_TURBO, FLUX2_KLEIN_4B)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (Z_IMAGE_TURBO, FLUX2_KLEIN_4B)}
 _ALIASES = {"z-image": "z-image-turbo", "zimage": "z-image-turbo", "klein": "flux2-klein-4b",
             "flux2-klein": "flux2-klein-4b", "flux.2-klein-4b": "flux2-klein-4b"}
 
@@ -90,16 +89,16 @@ def get_preset(name_or_preset) -> Preset:
     return PRESETS[key]
 
 
-def preset_for_family(family: str) -> Optional[Preset]:
+def preset_for_family(family: str) -> Preset | None:
     for p in PRESETS.values():
         if p.family == family:
             return p
     return None
 
 
-def download(preset, *, quant: Optional[str] = None, llm_quant: str = "Q4_K_M",
-             cache_dir: Optional[str] = None, local_files_only: bool = False,
-             token: Optional[str] = None) -> Dict[str, Path]:
+def download(preset, *, quant: str | None = None, llm_quant: str = "Q4_K_M",
+             cache_dir: str | None = None, local_files_only: bool = False,
+             token: str | None = None) -> dict[str, Path]:
     """Fetch (or find in the hub cache) the files of a preset; returns component -> path.
 
     ``quant`` picks the diffusion model's quantisation (e.g. "Q8_0", "Q4_K", "Q2_K"),
@@ -110,7 +109,7 @@ def download(preset, *, quant: Optional[str] = None, llm_quant: str = "Q4_K_M",
 
     p = get_preset(preset)
     quants = {"diffusion_model": quant or p.default_quant, "llm": llm_quant, "vae": ""}
-    paths: Dict[str, Path] = {}
+    paths: dict[str, Path] = {}
     for component, hub_file in p.hub.items():
         pattern = hub_file.resolve_pattern(quants[component])
         logger.info("resolving %s: %s / %s", component, hub_file.repo_id, pattern)

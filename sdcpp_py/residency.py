@@ -5,7 +5,6 @@ contexts sharing one text encoder."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Set
 
 from ._ffi import lib
 from ._marshal import check
@@ -18,7 +17,7 @@ COMPONENT_NAME = {ENCODER: "text encoder", DIFFUSION: "diffusion model"}
 SHARED_SETTINGS = ("wtype", "keep_clip_on_cpu", "offload_params_to_cpu", "enable_mmap")
 
 
-def file_stamp(path: Optional[Path]) -> Optional[tuple]:
+def file_stamp(path: Path | None) -> tuple | None:
     """What tells a file apart from a replaced one: size and modification time."""
     if path is None:
         return None
@@ -36,9 +35,9 @@ class ContextHandle:
 
     def __init__(self, ptr) -> None:
         self.ptr = ptr
-        self.group: Set["ContextHandle"] = {self}
+        self.group: set[ContextHandle] = {self}
 
-    def join(self, other: "ContextHandle") -> None:
+    def join(self, other: ContextHandle) -> None:
         """Become a member of ``other``'s encoder-sharing group."""
         other.group.add(self)
         self.group = other.group

@@ -8,7 +8,7 @@ import os
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 from ._ffi import ffi, lib
 from .errors import InvalidArgumentError
@@ -21,24 +21,24 @@ MAX_BATCH = 64
 SEED_RANGE = (0, 2**63 - 1)
 
 
-def _names(count: int, name_fn) -> Tuple[str, ...]:
+def _names(count: int, name_fn) -> tuple[str, ...]:
     return tuple(ffi.string(name_fn(i)).decode() for i in range(count))
 
 
-SAMPLERS: Tuple[str, ...] = _names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
-SCHEDULERS: Tuple[str, ...] = _names(lib.SCHEDULER_COUNT, lib.sd_scheduler_name)
-RNG_TYPES: Tuple[str, ...] = _names(lib.RNG_TYPE_COUNT, lib.sd_rng_type_name)
+SAMPLERS: tuple[str, ...] = _names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
+SCHEDULERS: tuple[str, ...] = _names(lib.SCHEDULER_COUNT, lib.sd_scheduler_name)
+RNG_TYPES: tuple[str, ...] = _names(lib.RNG_TYPE_COUNT, lib.sd_rng_type_name)
 # Weight types the engine can convert any weight to at load (wtype, tensor_type_rules):
 # float types and the quantizations ggml makes without an importance matrix. Others
 # that ggml names (integer types, q8_1/q8_K, the IQ family) divide by zero or fail an
 # assert in the conversion, which aborts the process.
 _CONVERTIBLE = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
                 "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
-WEIGHT_TYPES: Tuple[str, ...] = tuple(
+WEIGHT_TYPES: tuple[str, ...] = tuple(
     n for n in _names(lib.SD_TYPE_COUNT, lib.sd_type_name) if n in _CONVERTIBLE)
 
 
-def _choice(what: str, value: Optional[str], allowed: Tuple[str, ...]) -> Optional[str]:
+def _choice(what: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
@@ -85,14 +85,14 @@ class ContextSettings:
     """How a context loads and runs its models (``sd_ctx_params_t``)."""
 
     n_threads: int = field(default_factory=default_threads)
-    wtype: Optional[str] = None          # convert all weights at load, e.g. "f16"; None: see upcast
+    wtype: str | None = None          # convert all weights at load, e.g. "f16"; None: see upcast
     upcast: str = "auto"                 # quantized weights to F16 at load: "auto" (CPU, where memory allows),
                                          # "none", "diffusion" or "all" (diffusion model and text encoder)
     upcast_type: str = "auto"            # what upcast expands to: "auto" (BF16 where the CPU has native BF16,
                                          # else F16), "f16" or "bf16"
     repack: str = "auto"                 # CPU: matmul weights of Q4_0/Q4_K/IQ4_NL/MXFP4 (Q2_K with AVX-512)
                                          # in ggml's repacked kernels' layout ("auto"), or not ("none")
-    tensor_type_rules: Optional[str] = None  # the engine's own "regex=type,..." rules, tried before upcast's
+    tensor_type_rules: str | None = None  # the engine's own "regex=type,..." rules, tried before upcast's
     flash_attn: bool = False             # flash attention in every model (CPU: 1.1x at 256x256, 0.88x at 512x512)
     diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
     enable_mmap: bool = False
@@ -102,9 +102,9 @@ class ContextSettings:
     vae_conv_direct: bool = False
     diffusion_conv_direct: bool = False
     rng: str = "cuda"                    # the engine's default noise generator
-    sampler_rng: Optional[str] = None    # None: same as rng
+    sampler_rng: str | None = None    # None: same as rng
     backend: str = "auto"                # "auto" (the engine's choice: a GPU if any), "cpu" or "vulkan"
-    device: Optional[Union[int, str]] = None  # Vulkan device index, or a device name ("Vulkan1")
+    device: int | str | None = None  # Vulkan device index, or a device name ("Vulkan1")
     release_encoder: bool = False        # text encoder loaded only while encoding (reloaded on demand)
     release_diffusion: bool = False      # diffusion model released while the text encoder works
 
@@ -157,7 +157,7 @@ def check_type_rules(rules: Any) -> str:
     return ",".join(out)
 
 
-def resolve_seed(seed: Optional[int]) -> int:
+def resolve_seed(seed: int | None) -> int:
     """A seed in [0, 2**63 - 1]; ``None`` or -1 draws one from the full range."""
     if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):
         return secrets.randbits(63)
@@ -174,13 +174,13 @@ class GenerationSettings:
     height: int = 1024
     steps: int = 8
     cfg_scale: float = 1.0
-    sampler: Optional[str] = None        # None: the model's default
-    scheduler: Optional[str] = None      # None: the model's default
+    sampler: str | None = None        # None: the model's default
+    scheduler: str | None = None      # None: the model's default
     seed: int = 0
     batch_count: int = 1
-    flow_shift: Optional[float] = None   # None: the model's default
-    guidance: Optional[float] = None     # distilled guidance; None: engine default
-    sigmas: Optional[Tuple[float, ...]] = None  # custom schedule (steps + 1 values); overrides steps
+    flow_shift: float | None = None   # None: the model's default
+    guidance: float | None = None     # distilled guidance; None: engine default
+    sigmas: tuple[float, ...] | None = None  # custom schedule (steps + 1 values); overrides steps
     strength: float = 0.75               # img2img: how much of the schedule runs on the init image
 
     def __post_init__(self) -> None:
@@ -214,18 +214,18 @@ class GenerationSettings:
             sig = tuple(_float("sigma", v, 0.0, 1e4) for v in self.sigmas)
             if not 2 <= len(sig) <= MAX_STEPS + 1:
                 raise InvalidArgumentError(f"sigmas needs 2 to {MAX_STEPS + 1} values, got {len(sig)}")
-            if any(b > a for a, b in zip(sig, sig[1:])):
+            if any(b > a for a, b in zip(sig, sig[1:], strict=False)):
                 raise InvalidArgumentError("sigmas must not increase")
             object.__setattr__(self, "sigmas", sig)
             object.__setattr__(self, "steps", len(sig) - 1)
 
-    def seeds(self) -> List[int]:
+    def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.batch_count)]
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fill(self, p) -> List[Any]:
+    def fill(self, p) -> list[Any]:
         """Write into an ``sd_img_gen_params_t*`` that ``sd_img_gen_params_init`` filled.
 
         The string buffers must outlive the call: they are returned to the caller.

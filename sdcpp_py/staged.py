@@ -12,13 +12,13 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 
 from .errors import SdcppError
 
-PartKey = Tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
+PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
 POSITIVE, NEGATIVE = 0, 1
 _FORMAT = "sdcpp_py.conditioning/1"
 
@@ -27,11 +27,11 @@ _FORMAT = "sdcpp_py.conditioning/1"
 class Conditioning:
     """A prompt's encoding, reusable across seeds, sizes, steps and samplers."""
 
-    parts: Dict[PartKey, np.ndarray]
+    parts: dict[PartKey, np.ndarray]
     family: str
     encoder: str                       # identity of the text encoder that made it
     prompt: str
-    negative_prompt: Optional[str] = None
+    negative_prompt: str | None = None
     seconds: float = 0.0               # time the encoding took
 
     @property
@@ -43,7 +43,7 @@ class Conditioning:
         """The positive cross-attention context, shape (tokens, width)."""
         return self.parts[(POSITIVE, "c_crossattn", 0)]
 
-    def save(self, path: Union[str, Path]) -> Path:
+    def save(self, path: str | Path) -> Path:
         """Write to ``.npz`` (arrays plus a JSON header); ``Conditioning.load`` reads it back."""
         p = Path(path)
         meta = {"format": _FORMAT, "family": self.family, "encoder": self.encoder, "prompt": self.prompt,
@@ -55,7 +55,7 @@ class Conditioning:
         return p
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "Conditioning":
+    def load(cls, path: str | Path) -> Conditioning:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"no such file: {p}")
@@ -81,8 +81,8 @@ class Latent:
     data: np.ndarray
     family: str
     scale: int                          # pixels per latent cell (the VAE factor)
-    seed: Optional[int] = None
-    info: Dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:

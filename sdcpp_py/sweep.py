@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
@@ -21,32 +22,32 @@ class SweepItem:
     image: Image.Image
     latent: Latent
     settings: GenerationSettings
-    timings: Dict[str, float]
+    timings: dict[str, float]
 
 
 @dataclass
 class SweepResult:
-    items: List[SweepItem]
+    items: list[SweepItem]
     conditioning: Conditioning
-    timings: Dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
-    def images(self) -> List[Image.Image]:
+    def images(self) -> list[Image.Image]:
         return [i.image for i in self.items]
 
 
-def _encode(pipe: "Pipeline", prompt: str, cfg_scales: Sequence[Optional[float]],
+def _encode(pipe: Pipeline, prompt: str, cfg_scales: Sequence[float | None],
             negative_prompt: str) -> Conditioning:
     default_cfg = pipe.preset.cfg_scale if pipe.preset else 1.0
     need_negative = any((c if c is not None else default_cfg) != 1.0 for c in cfg_scales)
     return pipe.encode(prompt, negative_prompt if need_negative else None)
 
 
-def iter_sweep(pipe: "Pipeline", prompt: str, *, seeds: Sequence[Optional[int]] = (None,),
-               steps: Sequence[Optional[int]] = (None,), sizes: Sequence[Optional[Tuple[int, int]]] = (None,),
-               cfg_scales: Sequence[Optional[float]] = (None,), samplers: Sequence[Optional[str]] = (None,),
-               schedulers: Sequence[Optional[str]] = (None,), negative_prompt: str = "",
-               conditioning: Optional[Conditioning] = None, progress=None) -> Iterator[SweepItem]:
+def iter_sweep(pipe: Pipeline, prompt: str, *, seeds: Sequence[int | None] = (None,),
+               steps: Sequence[int | None] = (None,), sizes: Sequence[tuple[int, int] | None] = (None,),
+               cfg_scales: Sequence[float | None] = (None,), samplers: Sequence[str | None] = (None,),
+               schedulers: Sequence[str | None] = (None,), negative_prompt: str = "",
+               conditioning: Conditioning | None = None, progress=None) -> Iterator[SweepItem]:
     """Yield one item per grid point as soon as it is decoded. The prompt is encoded
     once (with its negative only if some cfg differs from 1), unless ``conditioning``
     is given."""
@@ -63,7 +64,7 @@ def iter_sweep(pipe: "Pipeline", prompt: str, *, seeds: Sequence[Optional[int]] 
                         {"denoise_s": latent.info["denoise_s"], "decode_s": decode_s})
 
 
-def sweep(pipe: "Pipeline", prompt: str, *, negative_prompt: str = "", **grid) -> SweepResult:
+def sweep(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", **grid) -> SweepResult:
     """Run :func:`iter_sweep` to the end; timings hold encode_s and wall_s."""
     start = time.perf_counter()
     cond = _encode(pipe, prompt, grid.get("cfg_scales", (None,)), negative_prompt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from . import backends
 from ._ffi import ffi, lib, library_path
@@ -12,8 +12,8 @@ from ._version import __version__
 from .settings import default_threads
 
 
-def _features(text: str) -> Dict[str, bool]:
-    out: Dict[str, bool] = {}
+def _features(text: str) -> dict[str, bool]:
+    out: dict[str, bool] = {}
     for item in text.split("|"):
         key, sep, value = item.strip().partition("=")
         if sep:
@@ -21,7 +21,7 @@ def _features(text: str) -> Dict[str, bool]:
     return out
 
 
-def system_info() -> Dict[str, Any]:
+def system_info() -> dict[str, Any]:
     """Versions, the library in use, thread defaults and the CPU features compiled in."""
     variant = backends.load()
     raw = ffi.string(lib.sd_get_system_info()).decode().replace("System Info:", "")
@@ -41,7 +41,7 @@ def system_info() -> Dict[str, Any]:
     }
 
 
-def sd_cli_path() -> Optional[Path]:
+def sd_cli_path() -> Path | None:
     """Upstream's sd-cli built from the same source (``SDCPP_PY_BUILD_CLI=ON``), if installed.
 
     ``SDCPP_PY_SD_CLI`` names another one.

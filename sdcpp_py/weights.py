@@ -28,9 +28,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from .modelfile import GGML_TYPES, SAFETENSORS_DTYPES, ModelFile, inspect
 
@@ -73,7 +73,7 @@ _AMX_TYPES = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
 # where expansion wins despite a kernel. benchmarks/README.md, "weight policy" (Z-Image
 # layout, 256x256, 2 threads): on sapphirerapids Q8_0 as stored 21.3 s/step against 20.9 s
 # expanded to BF16, at 9.2 GB peak instead of 14.7 GB (on zen4 it is 16.6 against 9.3 s).
-MEASURED: Dict[Tuple[str, str], str] = {("sapphirerapids", "Q8_0"): "keep"}
+MEASURED: dict[tuple[str, str], str] = {("sapphirerapids", "Q8_0"): "keep"}
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ class CpuKernels:
 
     variant: str                       # ggml's module name ("sapphirerapids", "zen4", ...)
     features: frozenset                # instruction sets it reports
-    buffers: Tuple[str, ...]           # its extra buffer types, in the order weights are offered
+    buffers: tuple[str, ...]           # its extra buffer types, in the order weights are offered
 
     @property
     def native_bf16(self) -> bool:
         return "AVX512_BF16" in self.features
 
-    def kernel_for(self, dtype: str, repack: str) -> Optional[str]:
+    def kernel_for(self, dtype: str, repack: str) -> str | None:
         """The extra buffer a weight of ``dtype`` would be placed in under ``repack``."""
         allowed = NATIVE_BUFFERS[repack].split(",")
         for buf in self.buffers:
@@ -111,7 +111,7 @@ def cpu_kernels() -> CpuKernels:
     return CpuKernels(variant, on, tuple(n for n in names.split(",") if n))
 
 
-def total_memory() -> Optional[int]:
+def total_memory() -> int | None:
     """MemTotal from /proc/meminfo (the machine, not what is free now), in bytes."""
     try:
         text = Path("/proc/meminfo").read_text()
@@ -131,7 +131,7 @@ class Growth:
     tensors: int          # how many would be expanded
 
 
-def _nbytes(t) -> Tuple[int, int]:
+def _nbytes(t) -> tuple[int, int]:
     n = 1
     for d in t.shape:
         n *= d
@@ -153,9 +153,9 @@ def growth(f: ModelFile) -> Growth:
     return Growth(stored, max(extra, 0), count)
 
 
-def matrix_type(f: ModelFile) -> Optional[str]:
+def matrix_type(f: ModelFile) -> str | None:
     """The type holding most bytes among a file's matrix weights (None: no matrices)."""
-    by_type: Dict[str, int] = {}
+    by_type: dict[str, int] = {}
     for t in f.tensors.values():
         if len(t.shape) >= 2 and not _KEPT.search(t.name):
             by_type[t.dtype] = by_type.get(t.dtype, 0) + _nbytes(t)[1]
@@ -166,8 +166,8 @@ def matrix_type(f: ModelFile) -> Optional[str]:
 class ComponentPlan:
     """What one component's matrix weights become."""
 
-    file_type: Optional[str]     # the type of most of its matrix weights in the file
-    memory_type: Optional[str]   # ... and in memory
+    file_type: str | None     # the type of most of its matrix weights in the file
+    memory_type: str | None   # ... and in memory
     kernel: str                  # "CPU_REPACK", "AMX" or "plain" (the engine's ordinary kernels)
     reason: str
 
@@ -176,7 +176,7 @@ class ComponentPlan:
 class WeightPlan:
     """The weight policy's decision for one set of files on this machine."""
 
-    components: Tuple[str, ...]       # expanded components ("diffusion", "encoder")
+    components: tuple[str, ...]       # expanded components ("diffusion", "encoder")
     rules: str                        # for sd_ctx_params_t.tensor_type_rules ("" = none)
     extra_bytes: int                  # bytes the expansion adds
     reason: str
@@ -184,7 +184,7 @@ class WeightPlan:
     native_buffers: str = ""          # the engine's sd_cpu_weight_buffers
     per_component: Mapping[str, ComponentPlan] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         d = asdict(self)
         d["components"] = list(self.components)
         return d
@@ -194,9 +194,9 @@ def rules_for(components: Sequence[str], target: str = "f16") -> str:
     return ",".join(f"{RULE_PREFIX[c]}={target}" for c in components)
 
 
-def plan_weights(policy: str, paths: Dict[str, Optional[Path]], *, on_cpu: bool, wtype: Optional[str],
-                 repack: str = "auto", target: str = "auto", kernels: Optional[CpuKernels] = None,
-                 memory: Optional[int] = None) -> WeightPlan:
+def plan_weights(policy: str, paths: dict[str, Path | None], *, on_cpu: bool, wtype: str | None,
+                 repack: str = "auto", target: str = "auto", kernels: CpuKernels | None = None,
+                 memory: int | None = None) -> WeightPlan:
     """Decide what ``policy`` means for these files on this machine (deterministic)."""
     files = {role: inspect(p) for role, p in paths.items() if p is not None}
     comp_file = {c: next((files[r] for r in roles if r in files), None) for c, roles in COMPONENT_FILES.items()}
@@ -206,13 +206,13 @@ def plan_weights(policy: str, paths: Dict[str, Optional[Path]], *, on_cpu: bool,
     if target == "auto":
         target = "bf16" if kernels is not None and kernels.native_bf16 else "f16"
 
-    def kernel(dtype: Optional[str]) -> Optional[str]:
+    def kernel(dtype: str | None) -> str | None:
         return kernels.kernel_for(dtype, repack) if (kernels is not None and dtype and buffers) else None
 
     types = {c: (matrix_type(f) if f is not None else None) for c, f in comp_file.items()}
     grow = {c: growth(f) if f is not None else Growth(0, 0, 0) for c, f in comp_file.items()}
 
-    def describe(chosen: Sequence[str], why: Dict[str, str]) -> Dict[str, ComponentPlan]:
+    def describe(chosen: Sequence[str], why: dict[str, str]) -> dict[str, ComponentPlan]:
         out = {}
         for c, dtype in types.items():
             if comp_file[c] is None:
@@ -236,7 +236,7 @@ def plan_weights(policy: str, paths: Dict[str, Optional[Path]], *, on_cpu: bool,
     if not on_cpu:
         return WeightPlan((), "", 0, "auto: a GPU backend keeps the files' types", target, "",
                           describe((), {c: "GPU backend" for c in types}))
-    why: Dict[str, str] = {}
+    why: dict[str, str] = {}
     candidates = []
     for c in wanted:
         dtype = types[c]
@@ -268,11 +268,11 @@ def plan_weights(policy: str, paths: Dict[str, Optional[Path]], *, on_cpu: bool,
     return WeightPlan(chosen, rules_for(chosen, target), extra, reason, target, buffers, describe(chosen, why))
 
 
-def _gib(n: Optional[int]) -> str:
+def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / (1 << 30):.1f}"
 
 
-def parse_buffers(text: str) -> Dict[str, int]:
+def parse_buffers(text: str) -> dict[str, int]:
     """The shim's "CPU=123,CPU_REPACK=456" as a dict."""
     out = {}
     for item in filter(None, text.split(",")):

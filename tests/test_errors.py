@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from sdcpp_py import (ClosedError, ContextSettings, CorruptModelError, IncompatibleModelError,
-                      InvalidArgumentError, ModelNotFoundError, Pipeline)
+from sdcpp_py import (
+    ClosedError,
+    ContextSettings,
+    CorruptModelError,
+    IncompatibleModelError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    Pipeline,
+)
 
 
 def test_missing_file(tiny, tmp_path):

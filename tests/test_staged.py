@@ -6,8 +6,7 @@ import gc
 import numpy as np
 import pytest
 
-from sdcpp_py import (Conditioning, IncompatibleModelError, InvalidArgumentError, Latent, Pipeline,
-                      SdcppError)
+from sdcpp_py import Conditioning, IncompatibleModelError, InvalidArgumentError, Latent, Pipeline, SdcppError
 
 PROMPT = "a lighthouse on a cliff at dusk"
 

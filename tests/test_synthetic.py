@@ -14,12 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdcpp_py.synthetic import (COMPONENTS, FAMILIES, SyntheticModelSet, component_filename, component_layout,
-                                component_specs, total_params, write_component, write_model_set)
+from sdcpp_py.synthetic import (
+    COMPONENTS,
+    FAMILIES,
+    SyntheticModelSet,
+    component_filename,
+    component_layout,
+    component_specs,
+    total_params,
+    write_component,
+    write_model_set,
+)
 from sdcpp_py.synthetic.__main__ import main as cli_main
 from sdcpp_py.synthetic.dtypes import GGML_TYPES, storage_type
-from sdcpp_py.synthetic.layouts import (Qwen3Config, VAEConfig, ZImageDiTConfig, flux2_vae, qwen3_llm,
-                                        z_image_dit, zimage_ffn_width)
+from sdcpp_py.synthetic.layouts import (
+    Qwen3Config,
+    VAEConfig,
+    ZImageDiTConfig,
+    flux2_vae,
+    qwen3_llm,
+    z_image_dit,
+    zimage_ffn_width,
+)
 from sdcpp_py.synthetic.tensordata import FLUX2_BN_EPS, FLUX2_BN_MEAN, FLUX2_BN_STD, dequantize
 
 TYPES_BY_ID = {t.ggml_id: t for t in GGML_TYPES.values()}

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcpp_py import (Conditioning, ContextSettings, IncompatibleModelError, InvalidArgumentError,
-                      ModelLoadError, Pipeline, ReentrantCallError, SdcppError)
+from sdcpp_py import (
+    Conditioning,
+    ContextSettings,
+    IncompatibleModelError,
+    InvalidArgumentError,
+    ModelLoadError,
+    Pipeline,
+    ReentrantCallError,
+    SdcppError,
+)
 from sdcpp_py.synthetic import component_specs
 from sdcpp_py.synthetic.writer import plan_tensors, write_file
 

@@ -81,7 +81,7 @@ def test_policy_depends_on_total_memory_not_free_memory(q8, monkeypatch):
     import sdcpp_py.weights as w
     plans = set()
     for free in (1 * GIB, 20 * GIB):
-        monkeypatch.setattr(w, "available_memory", lambda: free, raising=False)
+        monkeypatch.setattr(w, "available_memory", lambda free=free: free, raising=False)
         plans.add(w.plan_weights("auto", _paths(q8), on_cpu=True, wtype=None, kernels=ZEN4).rules)
     assert len(plans) == 1
     assert w.total_memory() > 0

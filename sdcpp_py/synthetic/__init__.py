@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from .dtypes import FORMATS, WEIGHT_TYPES
 from .layouts import COMPONENTS, FAMILIES, SIZES, TensorSpec, component_layout, total_params
-from .models import (SyntheticModelSet, component_filename, component_specs, write_component,
-                     write_model_set)
+from .models import SyntheticModelSet, component_filename, component_specs, write_component, write_model_set
 
 __all__ = [
     "SyntheticModelSet",

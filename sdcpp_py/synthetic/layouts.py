@@ -526,7 +526,8 @@ def family_config(family: str, size: str) -> FamilyConfig:
     return _CONFIGS[(family, size)]
 
 
-def component_layout(family: str, component: str, size: str = "tiny", *, llm_names: LLMNames = "gguf") -> list[TensorSpec]:
+def component_layout(family: str, component: str, size: str = "tiny", *,
+                     llm_names: LLMNames = "gguf") -> list[TensorSpec]:
     """Tensor list of one component ("dit" | "llm" | "vae") of a named configuration."""
     _check_choice("component", component, COMPONENTS)
     cfg = family_config(family, size)

@@ -294,7 +294,10 @@ def iter_tensor_bytes(spec: TensorSpec, gtype: GGMLType, seed: int) -> Iterator[
 
 def dequantize(data: bytes | np.ndarray, gtype: GGMLType) -> np.ndarray:
     """Decode the stored bytes of a tensor of ``gtype`` to a flat float32 array."""
-    raw = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data.view(np.uint8).ravel()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = np.frombuffer(data, dtype=np.uint8)
+    else:
+        raw = data.view(np.uint8).ravel()
     if gtype.name == "f32":
         return raw.view(np.float32).copy()
     if gtype.name == "f16":

@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from .dtypes import GGMLType, check_format, check_weight_type, storage_type
 from .layouts import TensorSpec
@@ -40,7 +40,7 @@ GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
 GGUF_ALIGNMENT = 32
 
-MetaValue = Union[str, int, float, bool]
+MetaValue = str | int | float | bool
 
 # GGUF metadata value types
 _GGUF_UINT32 = 4
