@@ -13,6 +13,7 @@ ignores SIGINT, so a terminal's Ctrl-C reaches the parent only.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import pickle
@@ -109,8 +110,14 @@ def _free(blocks: list[SharedMemory]) -> None:
 
 
 # -- the worker process -------------------------------------------------------------------------
+# The worker's command: this process's import path exactly (``-m`` or a bare ``-c`` would put
+# the working directory first, and a source tree there would shadow the installed package).
+_CHILD = ("import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
+          "from sdcpp_py.isolated import _child_main; _child_main()")
+
+
 def _child_main() -> None:
-    """``python -m sdcpp_py.isolated FD LOG``: the worker, talking over the socket FD.
+    """The worker, talking over the socket FD of ``sys.argv[1]``, logging to ``sys.argv[2]``.
 
     A plain subprocess rather than multiprocessing's spawn, which would import the
     user's main module again (scripts without a ``__main__`` guard would recurse)."""
@@ -195,8 +202,9 @@ class Worker:
         ours, theirs = socket.socketpair()
         start = time.perf_counter()
         with theirs:
-            self.process = subprocess.Popen([sys.executable, "-m", "sdcpp_py.isolated", str(theirs.fileno()),
-                                             self.log_path], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen([sys.executable, "-c", _CHILD, str(theirs.fileno()), self.log_path,
+                                             json.dumps(sys.path)],
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
         self.conn = Connection(ours.detach())
         self.starts += 1
         self.conn.send_bytes(_dumps(self.kwargs, []))
@@ -422,7 +430,3 @@ class IsolatedPipeline(Pipeline):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"worker pid {self.worker_pid}"
         return f"<Pipeline {self.family} isolated, {state} device={self.device}>"
-
-
-if __name__ == "__main__":
-    _child_main()
