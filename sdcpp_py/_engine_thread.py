@@ -49,6 +49,7 @@ class Operation:
     """One public call: cancelled when its owner is cancelled after it began, or its token is set."""
 
     def __init__(self, owner: Owner | None, token: CancelToken | None) -> None:
+        check_token(token)
         self.owner = owner
         self.token = token
         self.epoch = owner.cancel_epoch if owner is not None else 0
@@ -58,6 +59,12 @@ class Operation:
     def cancelled(self) -> bool:
         return (self.interrupted or (self.owner is not None and self.owner.cancel_epoch > self.epoch)
                 or (self.token is not None and bool(self.token.is_set())))
+
+
+def check_token(token: object) -> None:
+    """A ``cancel=`` argument must be None or have ``is_set()`` (a ``threading.Event``)."""
+    if token is not None and not callable(getattr(token, "is_set", None)):
+        raise TypeError(f"cancel must be a threading.Event (anything with is_set()), not {type(token).__name__}")
 
 
 class _Call:
@@ -216,8 +223,13 @@ class EngineThread:
                 call = self._queue.popleft()
                 if call is _STOP:
                     return
-                if call.operation.cancelled:
-                    call.error = Cancelled("cancelled before it started")
+                try:
+                    refused: BaseException | None = (Cancelled("cancelled before it started")
+                                                     if call.operation.cancelled else None)
+                except Exception as e:   # a token whose is_set() raised: that call fails, the thread lives
+                    refused = e
+                if refused is not None:
+                    call.error = refused
                     call.done.set()
                     continue
                 lib.sdcpp_cancel_clear()

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ._callbacks import TqdmProgress
+from ._engine_thread import check_token
 from .errors import ClosedError, EngineCrashed, InvalidArgumentError
 from .pipeline import GenerationResult, Pipeline
 from .settings import GenerationSettings
@@ -336,6 +337,7 @@ class IsolatedPipeline(Pipeline):
     def _call(self, name: str, *args: Any, progress: Any = None, cancel: Any = None, **kwargs: Any) -> Any:
         if self._closed:
             raise ClosedError("this Pipeline is closed")
+        check_token(cancel)
         fn = _progress_arg(progress)
         if fn is not None:
             kwargs["_progress"] = True

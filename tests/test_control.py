@@ -149,3 +149,16 @@ def test_close_from_another_thread_waits_for_the_running_call(tiny_sets):
     result = pipe.generate("a red door", progress=progress, **SMALL)
     closer["t"].join(30)
     assert pipe.closed and np.array_equal(np.asarray(result.image), np.asarray(ref.image))
+
+
+@pytest.mark.parametrize("token", [True, "stop", 1])
+def test_a_bad_cancel_token_raises_and_the_engine_lives(zpipe, reference, token):
+    with pytest.raises(TypeError, match="threading.Event"):
+        zpipe.generate("a red door", cancel=token, **SMALL)
+
+    class Broken:
+        def is_set(self):
+            raise RuntimeError("broken token")
+    with pytest.raises(RuntimeError, match="broken token"):
+        zpipe.generate("a red door", cancel=Broken(), **SMALL)
+    assert np.array_equal(np.asarray(zpipe.generate("a red door", **SMALL).image), reference)
