@@ -24,12 +24,13 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 from ._ffi import lib
 from .errors import Cancelled, ReentrantCallError
 
 logger = logging.getLogger("sdcpp_py")
+T = TypeVar("T")
 
 
 class CancelToken(Protocol):
@@ -121,8 +122,8 @@ class EngineThread:
             self._local.operation = None
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, fn: Callable[[], Any], owner: Owner | None = None,
-            token: CancelToken | None = None, discard: Callable[[Any], None] | None = None) -> Any:
+    def run(self, fn: Callable[[], T], owner: Owner | None = None,
+            token: CancelToken | None = None, discard: Callable[[T], None] | None = None) -> T:
         """Run ``fn`` on the engine thread and return what it returns (or raise what it raised).
 
         Ctrl-C while waiting cancels the call, waits for it to stop (a second Ctrl-C stops
@@ -139,7 +140,7 @@ class EngineThread:
                 self._start()
                 self._queue.append(call)
                 self._cv.notify()
-            return self._wait(call)
+            return cast(T, self._wait(call))   # the queue holds calls of every result type
 
     def post(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the engine thread after the calls queued now, without waiting (finalizers)."""

@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 from ._ffi import ffi
+from ._lib_types import CStruct
 from .errors import GenerationError, InvalidArgumentError
 
 ImageLike = Image.Image | np.ndarray
@@ -23,7 +24,7 @@ def as_pil(image: ImageLike) -> Image.Image:
     return image.convert("RGB")
 
 
-def fill_image(struct, image: ImageLike):
+def fill_image(struct: CStruct, image: ImageLike) -> tuple[np.ndarray, CStruct]:
     """Point an ``sd_image_t`` at an RGB copy of ``image``; returns what must stay alive."""
     rgb = np.ascontiguousarray(np.asarray(as_pil(image)), dtype=np.uint8)
     buf = ffi.from_buffer(rgb)
@@ -32,7 +33,7 @@ def fill_image(struct, image: ImageLike):
     return (rgb, buf)
 
 
-def to_pil(img) -> Image.Image:
+def to_pil(img: CStruct) -> Image.Image:
     w, h, c = img.width, img.height, img.channel
     if img.data == ffi.NULL or c not in (1, 3, 4):
         raise GenerationError(f"engine returned an empty image ({w}x{h}x{c})")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._ffi import ffi, lib
+from ._ffi import ffi, lib, string
+from ._lib_types import CStruct, ShimResult
 from .errors import Cancelled, InvalidArgumentError, SdcppError
 
 PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
@@ -15,8 +16,8 @@ class TensorViews:
     """``sdcpp_tensor_t`` views over numpy arrays, alive as long as this object."""
 
     def __init__(self, items: list[tuple[PartKey, np.ndarray]]) -> None:
-        self.arrays = []
-        self.names = []
+        self.arrays: list[np.ndarray] = []
+        self.names: list[CStruct] = []
         self.views = ffi.new("sdcpp_tensor_t[]", max(len(items), 1))
         self.count = len(items)
         for i, ((role, part, index), array) in enumerate(items):
@@ -34,18 +35,19 @@ class TensorViews:
             self.names.append(name)
 
     @property
-    def first(self):
+    def first(self) -> CStruct:
+        """The ``sdcpp_tensor_t*`` of the first view (NULL when there is none)."""
         return self.views if self.count else ffi.NULL
 
 
-def read_result(result) -> list[tuple[PartKey, np.ndarray]]:
+def read_result(result: ShimResult) -> list[tuple[PartKey, np.ndarray]]:
     """Copy every tensor of an ``sdcpp_result_t*`` into numpy, then free it."""
     try:
-        out = []
+        out: list[tuple[PartKey, np.ndarray]] = []
         view = ffi.new("sdcpp_tensor_t*")
         for i in range(lib.sdcpp_result_count(result)):
             if lib.sdcpp_result_get(result, i, view) != 0:
-                raise SdcppError(ffi.string(lib.sdcpp_last_error()).decode())
+                raise SdcppError(string(lib.sdcpp_last_error()))
             shape = tuple(reversed([view.ne[d] for d in range(view.ndim)]))
             dtype = np.int32 if view.is_int32 else np.float32
             count = int(np.prod(shape))
@@ -56,8 +58,8 @@ def read_result(result) -> list[tuple[PartKey, np.ndarray]]:
         lib.sdcpp_result_free(result)
 
 
-def check(rc: int, error_type=SdcppError) -> None:
+def check(rc: int, error_type: type[SdcppError] = SdcppError) -> None:
     """Raise the shim's per-thread message when a call failed."""
     if rc != 0:
-        message = ffi.string(lib.sdcpp_last_error()).decode() or "native call failed"
+        message = string(lib.sdcpp_last_error()) or "native call failed"
         raise {-2: InvalidArgumentError, -3: Cancelled}.get(rc, error_type)(message)

@@ -26,7 +26,7 @@ BACKENDS = ("auto", "cpu", "vulkan")
 
 # ggml's x86 CPU variants and the instruction sets each is compiled for (ggml/src/CMakeLists.txt).
 _BASE = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2")
-X86_VARIANTS: dict[str, tuple] = {
+X86_VARIANTS: dict[str, tuple[str, ...]] = {
     "x64": (), "sse42": ("SSE42",), "sandybridge": ("SSE42", "AVX"), "ivybridge": ("SSE42", "AVX", "F16C"),
     "piledriver": ("SSE42", "AVX", "F16C", "FMA"), "haswell": _BASE,
     "skylakex": _BASE + ("AVX512",), "cannonlake": _BASE + ("AVX512", "AVX512_VBMI"),
@@ -120,7 +120,7 @@ def cpu_features() -> dict[str, str]:
     return out
 
 
-def reported_features(variant: str) -> set:
+def reported_features(variant: str) -> set[str]:
     """The instruction sets a variant's module reports about itself (it lists neither SSE4.2
     nor AMX_TILE, which its build implies)."""
     return set(X86_VARIANTS.get(variant, ())) - {"SSE42", "AMX_TILE"}

@@ -78,7 +78,7 @@ _ALIASES = {"z-image": "z-image-turbo", "zimage": "z-image-turbo", "klein": "flu
             "flux2-klein": "flux2-klein-4b", "flux.2-klein-4b": "flux2-klein-4b"}
 
 
-def get_preset(name_or_preset) -> Preset:
+def get_preset(name_or_preset: str | Preset) -> Preset:
     if isinstance(name_or_preset, Preset):
         return name_or_preset
     if not isinstance(name_or_preset, str):
@@ -96,7 +96,7 @@ def preset_for_family(family: str) -> Preset | None:
     return None
 
 
-def download(preset, *, quant: str | None = None, llm_quant: str = "Q4_K_M",
+def download(preset: str | Preset, *, quant: str | None = None, llm_quant: str = "Q4_K_M",
              cache_dir: str | None = None, local_files_only: bool = False,
              token: str | None = None) -> dict[str, Path]:
     """Fetch (or find in the hub cache) the files of a preset; returns component -> path.

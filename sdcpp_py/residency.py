@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._ffi import lib
+from ._lib_types import SdCtx
 from ._marshal import check
 
 ENCODER, DIFFUSION = 0, 1                     # the shim's component ids
@@ -17,7 +18,7 @@ COMPONENT_NAME = {ENCODER: "text encoder", DIFFUSION: "diffusion model"}
 SHARED_SETTINGS = ("wtype", "keep_clip_on_cpu", "offload_params_to_cpu", "enable_mmap")
 
 
-def file_stamp(path: Path | None) -> tuple | None:
+def file_stamp(path: Path | None) -> tuple[int, int] | None:
     """What tells a file apart from a replaced one: size and modification time."""
     if path is None:
         return None
@@ -33,8 +34,8 @@ class ContextHandle:
     moved onto a context of the group that stays. Holds no reference to a pipeline.
     """
 
-    def __init__(self, ptr) -> None:
-        self.ptr = ptr
+    def __init__(self, ptr: SdCtx) -> None:
+        self.ptr: SdCtx | None = ptr
         self.group: set[ContextHandle] = {self}
 
     def join(self, other: ContextHandle) -> None:
@@ -50,9 +51,9 @@ class ContextHandle:
         ptr = self.ptr
         if ptr is None:
             return
-        survivors = [c for c in self.group if c is not self and c.ptr is not None]
+        survivors = [c.ptr for c in self.group if c is not self and c.ptr is not None]
         if survivors:   # a failed move leaves this handle as it was: nothing freed, nothing leaked
-            check(lib.sdcpp_rebind_encoder(survivors[0].ptr))
+            check(lib.sdcpp_rebind_encoder(survivors[0]))
         self.ptr = None
         self.group.discard(self)
         self.group = {self}

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .modelfile import GGML_TYPES, SAFETENSORS_DTYPES, ModelFile, inspect
+from .modelfile import GGML_TYPES, SAFETENSORS_DTYPES, ModelFile, TensorInfo, inspect
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class CpuKernels:
     """What the loaded CPU module offers for weights."""
 
     variant: str                       # ggml's module name ("sapphirerapids", "zen4", ...)
-    features: frozenset                # instruction sets it reports
+    features: frozenset[str]           # instruction sets it reports
     buffers: tuple[str, ...]           # its extra buffer types, in the order weights are offered
 
     @property
@@ -131,14 +131,14 @@ class Growth:
     tensors: int          # how many would be expanded
 
 
-def _nbytes(t) -> tuple[int, int]:
+def _nbytes(t: TensorInfo) -> tuple[int, int]:
     n = 1
     for d in t.shape:
         n *= d
     return n, int(n * _ELEMENT_BYTES.get(t.dtype, 2))
 
 
-def _expandable(t) -> bool:
+def _expandable(t: TensorInfo) -> bool:
     return not (t.dtype in _WIDE or len(t.shape) < 2 or _KEPT.search(t.name))
 
 

@@ -156,7 +156,8 @@ def _normal_table() -> np.ndarray:
     inv = statistics.NormalDist().inv_cdf
     half = np.array([inv((i + 0.5) / _TABLE_SIZE) for i in range(_TABLE_SIZE // 2, _TABLE_SIZE)])
     table = np.concatenate([-half[::-1], half])
-    return table / np.sqrt(np.mean(table * table))
+    unit: np.ndarray = table / np.sqrt(np.mean(table * table))
+    return unit
 
 
 def _iter_float(spec: TensorSpec, gtype: GGMLType, seed: int) -> Iterator[np.ndarray]:
@@ -204,14 +205,16 @@ def _q8_0_codes(w: np.ndarray) -> np.ndarray:
     t |= t >> _U2
     t |= t >> _U1  # bit 0 of each byte: OR of that byte's bits
     zero = ~t & _LOW_BIT_OF_BYTES
-    return w ^ (zero << _U7)
+    codes: np.ndarray = w ^ (zero << _U7)
+    return codes
 
 
 def _q4_0_codes(w: np.ndarray) -> np.ndarray:
     """Random words -> the same nibbles with every 0 nibble set to 8."""
     t = w | (w >> _U1) | (w >> _U2) | (w >> _U3)  # bit 0 of each nibble: OR of its bits
     zero = ~t & _LOW_BIT_OF_NIBBLES
-    return w | (zero << _U3)
+    codes: np.ndarray = w | (zero << _U3)
+    return codes
 
 
 # Q4_1 / Q5_1: value = q*d + m with m = -(qmax/2)*d: uniform codes, symmetric around 0.
@@ -298,8 +301,10 @@ def dequantize(data: bytes | np.ndarray, gtype: GGMLType) -> np.ndarray:
         raw = np.frombuffer(data, dtype=np.uint8)
     else:
         raw = data.view(np.uint8).ravel()
+    out: np.ndarray   # numpy's stubs type some of these results Any (for Python 3.10)
     if gtype.name == "f32":
-        return raw.view(np.float32).copy()
+        out = raw.view(np.float32).copy()
+        return out
     if gtype.name == "f16":
         return raw.view(np.float16).astype(np.float32)
     if gtype.name == "bf16":
@@ -307,21 +312,26 @@ def dequantize(data: bytes | np.ndarray, gtype: GGMLType) -> np.ndarray:
     blocks = raw.reshape(-1, gtype.type_size)
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (nb, 1)
     if gtype.name == "q8_0":
-        return (blocks[:, 2:].view(np.int8).astype(np.float32) * d).ravel()
+        out = (blocks[:, 2:].view(np.int8).astype(np.float32) * d).ravel()
+        return out
     if gtype.name in ("q4_0", "q4_1"):
         qs = blocks[:, 2:] if gtype.name == "q4_0" else blocks[:, 4:]
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
         if gtype.name == "q4_0":
-            return ((q - 8) * d).ravel()
+            out = ((q - 8) * d).ravel()
+            return out
         m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        return (q * d + m).ravel()
+        out = (q * d + m).ravel()
+        return out
     if gtype.name in ("q5_0", "q5_1"):
         off = 2 if gtype.name == "q5_0" else 4
         qh = np.unpackbits(blocks[:, off:off + 4], axis=1, bitorder="little")
         qs = blocks[:, off + 4:]
         q = (np.concatenate([qs & 0x0F, qs >> 4], axis=1) | (qh << 4)).astype(np.float32)
         if gtype.name == "q5_0":
-            return ((q - 16) * d).ravel()
+            out = ((q - 16) * d).ravel()
+            return out
         m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
-        return (q * d + m).ravel()
+        out = (q * d + m).ravel()
+        return out
     raise ValueError(f"cannot decode {gtype.name}")
