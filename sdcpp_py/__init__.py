@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+from ._callbacks import Preview
 from ._version import ENGINE_COMMIT, ENGINE_VERSION, __version__
 from .backends import BackendError
+from .convert import ConvertResult, convert
 from .errors import (
                      Cancelled,
                      ClosedError,
@@ -23,6 +25,7 @@ from .errors import (
                      ReentrantCallError,
                      SdcppError,
 )
+from .metadata import ImageParameters, read_parameters
 from .pipeline import GenerationResult, Pipeline
 from .presets import FLUX2_KLEIN_4B, PRESETS, Z_IMAGE_TURBO, Preset, get_preset
 from .settings import SAMPLERS, SCHEDULERS, WEIGHT_TYPES, ContextSettings, GenerationSettings
@@ -33,7 +36,8 @@ __all__ = [
     "__version__", "ENGINE_VERSION", "ENGINE_COMMIT",
     "Pipeline", "GenerationResult", "Conditioning", "Latent", "ContextSettings", "GenerationSettings",
     "Preset", "PRESETS", "Z_IMAGE_TURBO", "FLUX2_KLEIN_4B", "get_preset",
-    "SAMPLERS", "SCHEDULERS", "WEIGHT_TYPES", "system_info",
+    "SAMPLERS", "SCHEDULERS", "WEIGHT_TYPES", "system_info", "Preview", "convert", "ConvertResult",
+    "ImageParameters", "read_parameters",
     "SdcppError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "CorruptModelError",
     "IncompatibleModelError", "InvalidArgumentError", "GenerationError", "ClosedError",
     "ReentrantCallError", "BackendError", "Cancelled", "EngineCrashed",

@@ -15,9 +15,14 @@ import atexit
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
-from ._ffi import ffi, lib
+import numpy as np
+
+from ._ffi import callback, ffi, lib
+from ._lib_types import CData, CStruct
 
 logger = logging.getLogger("sdcpp_py")
 logger.addHandler(logging.NullHandler())
@@ -31,10 +36,11 @@ _LEVELS = {
 }
 
 ProgressFn = Callable[[int, int, float], None]
+PreviewFn = Callable[[int, "np.ndarray"], None]
 
 
-@ffi.callback("void(enum sd_log_level_t, const char*, void*)")
-def _on_log(level: int, text, _data) -> None:
+@callback("void(enum sd_log_level_t, const char*, void*)")
+def _on_log(level: int, text: CData, _data: CData) -> None:
     try:
         py_level = _LEVELS.get(level, logging.INFO)
         if py_level >= logging.ERROR and lib.sdcpp_cancel_requested():
@@ -50,8 +56,8 @@ _GGML_LEVELS = {lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG, lib.GGML_LOG_LEVEL_INFO
                 lib.GGML_LOG_LEVEL_WARN: logging.WARNING, lib.GGML_LOG_LEVEL_ERROR: logging.ERROR}
 
 
-@ffi.callback("void(enum ggml_log_level, const char*, void*)")
-def _on_ggml_log(level: int, text, _data) -> None:
+@callback("void(enum ggml_log_level, const char*, void*)")
+def _on_ggml_log(level: int, text: CData, _data: CData) -> None:
     try:
         py_level = _GGML_LEVELS.get(level, logging.DEBUG)
         if ggml_logger.isEnabledFor(py_level):
@@ -90,7 +96,7 @@ class _ProgressState:
             raise error
 
 
-def _progress_error(exc_type, exc, tb) -> None:
+def _progress_error(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
     """An exception that escaped ``_on_progress`` itself (a KeyboardInterrupt at its first line)."""
     _stop_call(exc)
 
@@ -101,8 +107,8 @@ def _stop_call(error: BaseException) -> None:
         _ProgressState.current.error = error
 
 
-@ffi.callback("void(int, int, float, void*)", onerror=_progress_error)
-def _on_progress(step: int, steps: int, seconds: float, data) -> None:
+@callback("void(int, int, float, void*)", onerror=_progress_error)
+def _on_progress(step: int, steps: int, seconds: float, data: CData) -> None:
     state: _ProgressState = ffi.from_handle(data)
     if state.error is not None:
         return
@@ -165,6 +171,75 @@ def progress_scope(fn: ProgressFn | bool | None) -> Iterator[_ProgressState]:
         _ProgressState.current = None
         if isinstance(fn, TqdmProgress):
             fn.close()
+
+
+PREVIEW_MODES = ("proj", "tae", "vae")
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Preview images during sampling: ``fn(step, image)`` with an ``uint8`` (H, W, 3) array.
+
+    ``mode``: "proj" (a linear projection of the latent: nearly free, low detail),
+    "tae" (the tiny autoencoder: needs a ``taesd`` file) or "vae" (the full VAE:
+    as slow as a decode). ``interval``: every how many steps ``fn`` is called (the pinned
+    engine makes a preview at every step regardless). ``noisy``: preview the model's
+    noisy input instead of its denoised estimate. An exception from ``fn`` stops
+    the call, as one from a progress callback does.
+    """
+
+    fn: PreviewFn
+    mode: str = "proj"
+    interval: int = 1
+    noisy: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError("Preview.fn must be a callable(step, image)")
+        if self.mode not in PREVIEW_MODES:
+            from .errors import InvalidArgumentError
+            raise InvalidArgumentError(f"preview mode {self.mode!r}: one of {', '.join(PREVIEW_MODES)}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise TypeError("Preview.interval must be an int >= 1")
+
+
+def _preview_error(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    _stop_call(exc)
+
+
+@callback("void(int, int, sd_image_t*, bool, void*)", onerror=_preview_error)
+def _on_preview(step: int, frame_count: int, frames: CStruct, is_noisy: bool, data: CData) -> None:
+    preview: Preview = ffi.from_handle(data)
+    current = _ProgressState.current
+    if frame_count < 1 or frames == ffi.NULL or (current is not None and current.error is not None):
+        return
+    if step % preview.interval:      # the pinned engine stores the interval but previews every step
+        return
+    try:
+        im = frames[0]
+        shape = (im.height, im.width, im.channel)
+        array = np.frombuffer(ffi.buffer(im.data, shape[0] * shape[1] * shape[2]), np.uint8).reshape(shape).copy()
+        preview.fn(step, array)
+    except BaseException as e:  # the call stops; re-raised after the native call returns
+        _stop_call(e)
+
+
+@contextlib.contextmanager
+def preview_scope(preview: Preview | None) -> Iterator[None]:
+    """Route the engine's preview images to ``preview.fn`` for the block (engine thread);
+    inside a ``progress_scope``, whose state keeps an exception the preview raised."""
+    if preview is None:
+        yield
+        return
+    if not isinstance(preview, Preview):
+        raise TypeError("preview must be a sdcpp_py.Preview")
+    handle = ffi.new_handle(preview)
+    lib.sd_set_preview_callback(_on_preview, lib.str_to_preview(preview.mode.encode()), preview.interval,
+                                not preview.noisy, preview.noisy, handle)
+    try:
+        yield
+    finally:
+        lib.sd_set_preview_callback(ffi.NULL, lib.PREVIEW_NONE, 1, True, False, ffi.NULL)
 
 
 class NativeLog(logging.Handler):

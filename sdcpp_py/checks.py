@@ -9,12 +9,14 @@ exception for one such input instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from ._images import ImageLike, as_pil
 from .errors import IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE
+from .modelfile import inspect
 from .settings import MAX_PIXELS, GenerationSettings
 from .staged import NEGATIVE, POSITIVE, Conditioning, Latent
 
@@ -24,6 +26,16 @@ _LLM_PARTS = ("c_crossattn", "extra_c_crossattn")   # what the Qwen3 conditioner
 # or, for gits, reads before its table).
 _TWO_STEP_SCHEDULERS = ("exponential", "karras", "gits")
 _FLOW_FAMILIES = (Z_IMAGE, FLUX2_KLEIN, FLUX2_DEV)
+
+
+def check_taesd(path: Path | None) -> Path:
+    """A tiny autoencoder file (TAESD/TAEF1/TAEF2): readable and holding a TAE decoder."""
+    if path is None:
+        raise TypeError("taesd must be a path")
+    f = inspect(path)
+    if f.count_blocks("decoder.layers.") == 0:
+        raise IncompatibleModelError(f"{path}: not a tiny autoencoder (no decoder.layers.N tensors)")
+    return path
 
 
 def check_schedule(s: GenerationSettings, family: str) -> None:

@@ -13,22 +13,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from ._callbacks import ProgressFn, capture, progress_scope
-from ._engine_thread import ENGINE_THREAD, CancelToken, EngineThread, Owner
-from ._ffi import ffi, lib
+from ._callbacks import Preview, ProgressFn, capture, preview_scope, progress_scope
+from ._engine_thread import ENGINE_THREAD, CancelToken, EngineThread, Operation, Owner
+from ._ffi import ffi, lib, string
 from ._images import to_pil
+from ._lib_types import CData, SdCtx
 from ._marshal import PartKey, TensorViews, check, read_result
-from .errors import ClosedError, GenerationError, ModelLoadError
+from .errors import ClosedError, GenerationError, ModelLoadError, SdcppError
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle, file_stamp
 
 logger = logging.getLogger("sdcpp_py")
 Parts = list[tuple[PartKey, np.ndarray]]
+T = TypeVar("T")
 
 
 class Engine(Owner):
@@ -51,12 +54,12 @@ class Engine(Owner):
         self.load_seconds = 0.0
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, fn: Callable[[Any], Any], *, token: CancelToken | None = None,
-            discard: Callable[[Any], None] | None = None) -> Any:
+    def run(self, fn: Callable[[SdCtx], T], *, token: CancelToken | None = None,
+            discard: Callable[[T], None] | None = None) -> T:
         """``fn(ctx)`` on the engine thread, this engine's context open (one hold)."""
         return self.thread.run(lambda: fn(self._ptr()), owner=self, token=token, discard=discard)
 
-    def operation(self, token: CancelToken | None = None):
+    def operation(self, token: CancelToken | None = None) -> AbstractContextManager[Operation]:
         """Make the calls in the block one operation: cancel() stops all of them."""
         return self.thread.operation(self, token)
 
@@ -64,19 +67,21 @@ class Engine(Owner):
         """Stop this engine's calls begun so far (from any thread)."""
         self.thread.cancel(self)
 
-    def _ptr(self):
-        if self.handle is None or self.handle.ptr is None:
+    def _ptr(self) -> SdCtx:
+        ptr = None if self.handle is None else self.handle.ptr
+        if ptr is None:
             raise ClosedError("this Pipeline is closed")
-        return self.handle.ptr
+        return ptr
 
-    def _native(self, fn, *args, progress: ProgressFn | None = None, error=GenerationError,
+    def _native(self, fn: Callable[..., int], *args: Any, progress: ProgressFn | None = None,
+                preview: Preview | None = None, error: type[SdcppError] = GenerationError,
                 cleanup: Callable[[], None] | None = None) -> float:
         """One shim call (on the engine thread), progress routed; returns its seconds.
 
         A progress callback that raises stops the call (the engine's abort flag); what
         the call returned anyway is freed by ``cleanup`` and the callback's exception raised."""
         start = time.perf_counter()
-        with progress_scope(progress) as state:
+        with progress_scope(progress) as state, preview_scope(preview):
             rc = fn(self._ptr(), *args)
         if state.error is not None:
             if rc == 0 and cleanup is not None:
@@ -86,14 +91,14 @@ class Engine(Owner):
         return time.perf_counter() - start
 
     # -- lifecycle -------------------------------------------------------------------------
-    def open(self, params, keep: list[Any], *, defer_mask: int, device: str, weight_buffers: str) -> None:
+    def open(self, params: CData, keep: list[Any], *, defer_mask: int, device: str, weight_buffers: str) -> None:
         """Create the context (``keep``: what ``params`` points into)."""
-        def create():
+        def create() -> tuple[SdCtx, float]:
             start = time.perf_counter()
             with capture() as log, progress_scope(None):
                 ctx = lib.sdcpp_new_ctx(params, defer_mask, device.encode(), weight_buffers.encode())
             if ctx == ffi.NULL:
-                message = ffi.string(lib.sdcpp_last_error()).decode()
+                message = string(lib.sdcpp_last_error())
                 raise ModelLoadError("stable-diffusion.cpp could not create a context"
                                      + (f":\n{log.errors() or message}" if (log.errors() or message) else ""))
             del keep[:]
@@ -131,8 +136,8 @@ class Engine(Owner):
         return self.run(self._buffers)
 
     @staticmethod
-    def _buffers(ctx) -> dict[str, str]:
-        out = {}
+    def _buffers(ctx: SdCtx) -> dict[str, str]:
+        out: dict[str, str] = {}
         for name, component in (("diffusion", DIFFUSION), ("encoder", ENCODER)):
             text = ffi.new("char[]", 1024)
             check(lib.sdcpp_component_buffers(ctx, component, text, 1024))
@@ -142,11 +147,11 @@ class Engine(Owner):
     def release(self, component: int) -> None:
         self.run(lambda ctx: self._release(ctx, component))
 
-    def _release(self, ctx, component: int) -> None:
+    def _release(self, ctx: SdCtx, component: int) -> None:
         if lib.sdcpp_component_loaded(ctx, component):
             self._native(lib.sdcpp_component_release, component, error=ModelLoadError)
 
-    def _ensure(self, ctx, component: int) -> None:
+    def _ensure(self, ctx: SdCtx, component: int) -> None:
         if lib.sdcpp_component_loaded(ctx, component):
             return
         path = self.paths.get(COMPONENT_FILE[component])
@@ -159,20 +164,21 @@ class Engine(Owner):
         self._native(lib.sdcpp_component_reload, component, ffi.new("char[]", str(path).encode()),
                      error=ModelLoadError)
 
-    def _before_encoding(self, ctx) -> None:
+    def _before_encoding(self, ctx: SdCtx) -> None:
         if self.release_diffusion_before:
             self._release(ctx, DIFFUSION)
         self._ensure(ctx, ENCODER)
 
-    def _after_encoding(self, ctx) -> None:
+    def _after_encoding(self, ctx: SdCtx) -> None:
         if self.release_encoder_after:
             self._release(ctx, ENCODER)
 
     def borrow_encoder(self, owner: Engine) -> None:
         """Use ``owner``'s text encoder (this context's own is freed): one copy for both."""
-        def share(ctx):
+        def share(ctx: SdCtx) -> None:
             check(lib.sdcpp_share_encoder(owner._ptr(), ctx), ModelLoadError)
-            self.handle.join(owner.handle)
+            if self.handle is not None and owner.handle is not None:   # both open: _ptr() checked
+                self.handle.join(owner.handle)
         self.run(share)
 
     @property
@@ -187,22 +193,23 @@ class Engine(Owner):
     # -- the engine's calls ------------------------------------------------------------------
     def default_sampler(self, sampler: str | None) -> tuple[str, int]:
         """The sampler's name (the engine's default when None) and its method id."""
-        def read(ctx):
+        def read(ctx: SdCtx) -> tuple[str, int]:
             method = (lib.sd_get_default_sample_method(ctx) if sampler is None
                       else lib.str_to_sample_method(sampler.encode()))
-            return ffi.string(lib.sd_sample_method_name(method)).decode(), method
+            return string(lib.sd_sample_method_name(method)), method
         return self.run(read)
 
     def default_scheduler(self, method: int) -> str:
-        def read(ctx) -> str:
-            return ffi.string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method))).decode()
+        def read(ctx: SdCtx) -> str:
+            return string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method)))
         return self.run(read)
 
-    def generate(self, params, keep: list[Any], batch_count: int, *, progress: ProgressFn | None = None,
+    def generate(self, params: CData, keep: list[Any], batch_count: int, *, progress: ProgressFn | None = None,
+                 preview: Preview | None = None,
                  token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str]]:
         """Upstream's generate_image: ``batch_count`` images, the seconds it took and the
         buffers of the weights after it (``all_buffers``, in the same hold)."""
-        def generate(ctx):
+        def generate(ctx: SdCtx) -> tuple[list[Image.Image], float, dict[str, str]]:
             self._ensure(ctx, ENCODER)
             self._ensure(ctx, DIFFUSION)
             out = ffi.new("sd_image_t**")
@@ -213,7 +220,8 @@ class Engine(Owner):
                 lib.free(out[0])
             with capture() as log:
                 try:
-                    seconds = self._native(lib.sdcpp_generate, params, out, progress=progress, cleanup=free)
+                    seconds = self._native(lib.sdcpp_generate, params, out, progress=progress,
+                                           preview=preview, cleanup=free)
                 except GenerationError as e:
                     raise GenerationError(f"{e}" + (f":\n{log.errors()}" if log.errors() else "")) from None
                 finally:
@@ -224,10 +232,10 @@ class Engine(Owner):
                 free()
         return self.run(generate, token=token)
 
-    def encode(self, params, keep: list[Any], with_negative: bool, *,
+    def encode(self, params: CData, keep: list[Any], with_negative: bool, *,
                token: CancelToken | None = None) -> tuple[Parts, float]:
         """Text to conditioning parts (and the seconds the encoder ran)."""
-        def encode(ctx):
+        def encode(ctx: SdCtx) -> tuple[Parts, float]:
             self._before_encoding(ctx)
             out = ffi.new("sdcpp_result_t**")
             try:
@@ -238,30 +246,31 @@ class Engine(Owner):
             return read_result(out[0]), seconds
         return self.run(encode, token=token)
 
-    def denoise(self, params, keep: list[Any], condition: Parts, init_latent: np.ndarray | None,
+    def denoise(self, params: CData, keep: list[Any], condition: Parts, init_latent: np.ndarray | None,
                 noise: np.ndarray | None, *, progress: ProgressFn | None = None,
-                token: CancelToken | None = None) -> tuple[np.ndarray, float]:
+                preview: Preview | None = None, token: CancelToken | None = None) -> tuple[np.ndarray, float]:
         """Conditioning (+ init latent, + noise) to one latent."""
         cond = TensorViews(condition)
         init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
         noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
 
-        def denoise(ctx):
+        def denoise(ctx: SdCtx) -> tuple[np.ndarray, float]:
             self._ensure(ctx, DIFFUSION)
             out = ffi.new("sdcpp_result_t**")
             seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
                                    init.first if init else ffi.NULL,
                                    noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
-                                   progress=progress, cleanup=lambda: lib.sdcpp_result_free(out[0]))
+                                   progress=progress, preview=preview,
+                                   cleanup=lambda: lib.sdcpp_result_free(out[0]))
             (_, data), = read_result(out[0])
             return data, seconds
         return self.run(denoise, token=token)
 
-    def decode(self, params, keep: list[Any], latent: np.ndarray, *,
+    def decode(self, params: CData, keep: list[Any], latent: np.ndarray, *,
                token: CancelToken | None = None) -> Image.Image:
         view = TensorViews([((0, "latent", 0), latent)])
 
-        def decode(ctx):
+        def decode(ctx: SdCtx) -> Image.Image:
             image = ffi.new("sd_image_t*")
             self._native(lib.sdcpp_decode, params, view.first, image, cleanup=lambda: lib.free(image.data))
             try:
@@ -270,9 +279,10 @@ class Engine(Owner):
                 lib.free(image.data)
         return self.run(decode, token=token)
 
-    def encode_image(self, params, keep: list[Any], image, *, token: CancelToken | None = None) -> np.ndarray:
+    def encode_image(self, params: CData, keep: list[Any], image: CData, *,
+                     token: CancelToken | None = None) -> np.ndarray:
         """An ``sd_image_t*`` (kept alive by ``keep``) to a latent."""
-        def encode(ctx):
+        def encode(ctx: SdCtx) -> np.ndarray:
             out = ffi.new("sdcpp_result_t**")
             self._native(lib.sdcpp_encode_image, params, image, out, cleanup=lambda: lib.sdcpp_result_free(out[0]))
             (_, data), = read_result(out[0])

@@ -28,14 +28,15 @@ from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import numpy as np
 from PIL import Image
 
-from ._callbacks import TqdmProgress
-from ._engine_thread import check_token
-from .errors import ClosedError, EngineCrashed, InvalidArgumentError
+from ._callbacks import Preview, ProgressFn, TqdmProgress
+from ._engine_thread import CancelToken, check_token
+from ._images import ImageLike
+from .errors import ClosedError, EngineCrashed, InvalidArgumentError, SdcppError
 from .pipeline import GenerationResult, Pipeline
 from .settings import GenerationSettings
 from .staged import Conditioning, Latent
@@ -52,7 +53,7 @@ class _Pickler(pickle.Pickler):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.blocks = blocks
 
-    def persistent_id(self, obj: Any) -> tuple | None:
+    def persistent_id(self, obj: Any) -> tuple[Any, ...] | None:
         if isinstance(obj, Image.Image):
             a = np.asarray(obj)
             return ("image", self._put(a), a.shape, a.dtype.str, obj.mode)
@@ -68,7 +69,7 @@ class _Pickler(pickle.Pickler):
 
 
 class _Unpickler(pickle.Unpickler):
-    def persistent_load(self, pid: tuple) -> Any:
+    def persistent_load(self, pid: tuple[Any, ...]) -> Any:
         kind, name, shape, dtype, mode = pid
         block = _attach(name)
         try:
@@ -126,7 +127,7 @@ def _child_main() -> None:
     _serve(conn, _loads(conn.recv_bytes()), sys.argv[2])
 
 
-def _serve(conn, kwargs: dict[str, Any], log_path: str) -> None:
+def _serve(conn: Connection, kwargs: dict[str, Any], log_path: str) -> None:
     """The worker's main: one Pipeline, calls until "close" or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
@@ -139,7 +140,7 @@ def _serve(conn, kwargs: dict[str, Any], log_path: str) -> None:
     root.setLevel(logging.INFO)
     blocks: list[SharedMemory] = []
 
-    def send(message: tuple) -> None:
+    def send(message: tuple[Any, ...]) -> None:
         conn.send_bytes(_dumps(message, blocks))
 
     try:
@@ -166,6 +167,9 @@ def _serve(conn, kwargs: dict[str, Any], log_path: str) -> None:
             else:
                 if call_kwargs.pop("_progress", False):
                     call_kwargs["progress"] = lambda step, steps, secs: send(("progress", step, steps, secs))
+                spec = call_kwargs.pop("_preview", None)
+                if spec is not None:
+                    call_kwargs["preview"] = Preview(lambda step, image: send(("preview", step, image)), *spec)
                 result = getattr(pipe, name)(*args, **call_kwargs)
             send(("ok", result))
         except BaseException as e:
@@ -187,7 +191,7 @@ class Worker:
 
     def __init__(self, kwargs: dict[str, Any]) -> None:
         self.kwargs = kwargs
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.log_path = ""
         self.starts = 0
@@ -209,12 +213,12 @@ class Worker:
         self.conn = Connection(ours.detach())
         self.starts += 1
         self.conn.send_bytes(_dumps(self.kwargs, []))
-        info = self._reply([], None, None)
+        info = _reply_as(dict, self._reply([], None, None))
         self.load_seconds = time.perf_counter() - start
         return info
 
-    def call(self, kind: str, name: str, args: tuple = (), kwargs: dict[str, Any] | None = None,
-             progress: Any = None, token: Any = None) -> Any:
+    def call(self, kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+             progress: Any = None, token: Any = None, preview: Preview | None = None) -> Any:
         if not self.alive:
             logger.info("starting the engine worker again")
             self.stop()
@@ -223,11 +227,11 @@ class Worker:
         try:
             assert self.conn is not None
             self.conn.send_bytes(_dumps((kind, name, args, kwargs or {}), blocks))
-            return self._reply(blocks, progress, token)
+            return self._reply(blocks, progress, token, preview)
         finally:
             _free(blocks)
 
-    def _reply(self, blocks: list[SharedMemory], progress: Any, token: Any) -> Any:
+    def _reply(self, blocks: list[SharedMemory], progress: Any, token: Any, preview: Preview | None = None) -> Any:
         conn = self.conn
         assert conn is not None
         interrupt: BaseException | None = None
@@ -248,10 +252,11 @@ class Worker:
                 interrupt = e
                 self.cancel()
                 continue
-            if message[0] == "progress":
-                if progress is not None and progress_error is None:
+            if message[0] in ("progress", "preview"):
+                fn = progress if message[0] == "progress" else (preview.fn if preview is not None else None)
+                if fn is not None and progress_error is None:
                     try:
-                        progress(*message[1:])
+                        fn(*message[1:])
                     except BaseException as e:
                         progress_error = e
                         self.cancel()
@@ -302,7 +307,7 @@ class Worker:
             self.log_path = ""
 
 
-def _progress_arg(progress: Any):
+def _progress_arg(progress: object) -> ProgressFn | None:
     """What the parent calls with the worker's progress messages."""
     if progress is True:
         return TqdmProgress()
@@ -310,7 +315,18 @@ def _progress_arg(progress: Any):
         return None
     if not callable(progress):
         raise TypeError("progress must be a callable(step, steps, seconds), True for a tqdm bar, or None")
-    return progress
+    fn: ProgressFn = progress
+    return fn
+
+
+T = TypeVar("T")
+
+
+def _reply_as(kind: type[T], value: object) -> T:
+    """The worker's reply to a call of the Pipeline method that returns a ``kind``."""
+    if not isinstance(value, kind):
+        raise SdcppError(f"the engine worker replied with a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 class IsolatedPipeline(Pipeline):
@@ -341,8 +357,13 @@ class IsolatedPipeline(Pipeline):
         fn = _progress_arg(progress)
         if fn is not None:
             kwargs["_progress"] = True
+        preview = kwargs.pop("preview", None)
+        if preview is not None:
+            if not isinstance(preview, Preview):
+                raise TypeError("preview must be a sdcpp_py.Preview")
+            kwargs["_preview"] = (preview.mode, preview.interval, preview.noisy)
         try:
-            return self._worker.call("call", name, args, kwargs, progress=fn, token=cancel)
+            return self._worker.call("call", name, args, kwargs, progress=fn, token=cancel, preview=preview)
         finally:
             if isinstance(fn, TqdmProgress):
                 fn.close()
@@ -380,27 +401,36 @@ class IsolatedPipeline(Pipeline):
 
     # calls
     def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
-        return self._call("generate", prompt, **kwargs)
+        return _reply_as(GenerationResult, self._call("generate", prompt, **kwargs))
 
     __call__ = generate
 
     def generate_with(self, s: GenerationSettings, **kwargs: Any) -> GenerationResult:
-        return self._call("generate_with", s, **kwargs)
+        return _reply_as(GenerationResult, self._call("generate_with", s, **kwargs))
 
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
-        return self._call("settings_for", prompt, **overrides)
+        return _reply_as(GenerationSettings, self._call("settings_for", prompt, **overrides))
 
     def encode(self, prompt: str, negative_prompt: str | None = None, **kwargs: Any) -> Conditioning:
-        return self._call("encode", prompt, negative_prompt, **kwargs)
+        return _reply_as(Conditioning, self._call("encode", prompt, negative_prompt, **kwargs))
 
     def denoise(self, conditioning: Conditioning, **kwargs: Any) -> Latent:
-        return self._call("denoise", conditioning, **kwargs)
+        return _reply_as(Latent, self._call("denoise", conditioning, **kwargs))
 
-    def decode(self, latent: Latent, **kwargs: Any):
-        return self._call("decode", latent, **kwargs)
+    @overload
+    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ..., vae_tiling: bool = False,
+               cancel: CancelToken | None = None) -> Image.Image: ...
 
-    def encode_image(self, image, **kwargs: Any) -> Latent:
-        return self._call("encode_image", image, **kwargs)
+    @overload
+    def decode(self, latent: Latent, *, output_type: Literal["np"], vae_tiling: bool = False,
+               cancel: CancelToken | None = None) -> np.ndarray: ...
+
+    def decode(self, latent: Latent, **kwargs: Any) -> Image.Image | np.ndarray:
+        reply = self._call("decode", latent, **kwargs)
+        return reply if isinstance(reply, np.ndarray) else _reply_as(Image.Image, reply)
+
+    def encode_image(self, image: ImageLike, **kwargs: Any) -> Latent:
+        return _reply_as(Latent, self._call("encode_image", image, **kwargs))
 
     def release_encoder(self) -> None:
         self._call("release_encoder")
@@ -411,19 +441,19 @@ class IsolatedPipeline(Pipeline):
     # state
     @property
     def encoder_loaded(self) -> bool:
-        return self._get("encoder_loaded")
+        return _reply_as(bool, self._get("encoder_loaded"))
 
     @property
     def diffusion_loaded(self) -> bool:
-        return self._get("diffusion_loaded")
+        return _reply_as(bool, self._get("diffusion_loaded"))
 
     @property
     def weight_bytes(self) -> dict[str, int]:
-        return self._get("weight_bytes")
+        return _reply_as(dict, self._get("weight_bytes"))
 
     @property
     def weights(self) -> dict[str, Any]:
-        return self._get("weights")
+        return _reply_as(dict, self._get("weights"))
 
     @property
     def shares_encoder(self) -> bool:

@@ -15,18 +15,19 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 from PIL import Image
 
 from . import backends
-from ._callbacks import ProgressFn
+from ._callbacks import Preview, ProgressFn
 from ._engine_thread import CancelToken
 from ._ffi import ffi, lib
 from ._images import ImageLike, as_pil, fill_image
+from ._lib_types import CStruct
 from .cache import EncodingCache
-from .checks import check_conditioning, check_latent, check_ref_images, check_schedule
+from .checks import check_conditioning, check_latent, check_ref_images, check_schedule, check_taesd
 from .engine import Engine
 from .errors import ClosedError, IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
@@ -35,6 +36,9 @@ from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, SHARE
 from .settings import ContextSettings, GenerationSettings, resolve_seed
 from .staged import Conditioning, Latent
 from .weights import WeightPlan, parse_buffers, plan_weights
+
+if TYPE_CHECKING:
+    from .sweep import SweepResult
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = str | Path
@@ -85,7 +89,7 @@ class Pipeline:
         return super().__new__(cls)
 
     def __init__(self, *, model: PathLike | None = None, diffusion_model: PathLike | None = None,
-                 llm: PathLike | None = None, vae: PathLike | None = None,
+                 llm: PathLike | None = None, vae: PathLike | None = None, taesd: PathLike | None = None,
                  settings: ContextSettings | None = None, preset: str | Preset | None = None,
                  cache_size: int = 16, share_encoder_with: Pipeline | None = None,
                  isolate: bool = False, **settings_kwargs: Any) -> None:
@@ -95,10 +99,13 @@ class Pipeline:
         self.paths: dict[str, Path | None] = {
             "model": _path(model), "diffusion_model": _path(diffusion_model), "llm": _path(llm), "vae": _path(vae)}
         self.components: Components = check_components(**self.paths)
+        if taesd is not None:   # the tiny autoencoder: decodes (and previews) instead of the VAE
+            self.paths["taesd"] = check_taesd(_path(taesd))
         self.family = self.components.family
         self.preset: Preset | None = get_preset(preset) if preset is not None else preset_for_family(self.family)
         self.encoder_id = _file_identity(self.paths["llm"] or self.paths["model"])
         self.encodings: EncodingCache[Conditioning] = EncodingCache(cache_size)
+        self._engine_defaults: dict[str | None, tuple[str, str]] = {}   # sampler asked -> (sampler, scheduler)
         self.load_count = 0
         self.load_seconds = 0.0
         self._engine = Engine(self.paths, release_encoder=self.settings.release_encoder,
@@ -257,9 +264,14 @@ class Pipeline:
         return s
 
     def _with_engine_defaults(self, s: GenerationSettings) -> GenerationSettings:
-        sampler, method = self._engine.default_sampler(s.sampler)
-        scheduler = s.scheduler if s.scheduler is not None else self._engine.default_scheduler(method)
-        return GenerationSettings(**{**s.to_dict(), "sampler": s.sampler or sampler, "scheduler": scheduler})
+        """Fill the sampler and scheduler the engine picks for this model (asked once per
+        sampler: later calls need no engine call, so they never wait behind a running one)."""
+        known = self._engine_defaults.get(s.sampler)
+        if known is None:
+            sampler, method = self._engine.default_sampler(s.sampler)
+            known = self._engine_defaults[s.sampler] = (sampler, self._engine.default_scheduler(method))
+        scheduler = s.scheduler if s.scheduler is not None else known[1]
+        return GenerationSettings(**{**s.to_dict(), "sampler": s.sampler or known[0], "scheduler": scheduler})
 
     # -- one-shot generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
@@ -269,24 +281,27 @@ class Pipeline:
                  flow_shift: float | None = None, guidance: float | None = None,
                  sigmas: Sequence[float] | None = None, init_image: ImageLike | None = None,
                  strength: float | None = None, ref_images: Sequence[ImageLike] = (),
-                 progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> GenerationResult:
+                 vae_tiling: bool | None = None, progress: ProgressFn | None = None,
+                 preview: Preview | None = None, cancel: CancelToken | None = None) -> GenerationResult:
         """Text (and optionally an init image, or reference images) to image in one call.
 
         Unset arguments take the preset's defaults; ``seed=None`` draws a random
         63-bit seed, reported in the result. ``cancel``: a ``threading.Event`` that
-        stops the call when set (it raises :class:`Cancelled`).
+        stops the call when set (it raises :class:`Cancelled`). ``preview``: images
+        during sampling (:class:`Preview`).
         """
         s = self.settings_for(prompt, negative_prompt=negative_prompt, width=width, height=height,
                               steps=steps, cfg_scale=cfg_scale, sampler=sampler, scheduler=scheduler,
                               seed=seed, batch_count=batch_count, flow_shift=flow_shift, guidance=guidance,
-                              sigmas=sigmas, strength=strength)
-        return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress, cancel=cancel)
+                              sigmas=sigmas, strength=strength, vae_tiling=vae_tiling)
+        return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress,
+                                  preview=preview, cancel=cancel)
 
     __call__ = generate
 
     def generate_with(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
                       ref_images: Sequence[ImageLike] = (), progress: ProgressFn | None = None,
-                      cancel: CancelToken | None = None) -> GenerationResult:
+                      preview: Preview | None = None, cancel: CancelToken | None = None) -> GenerationResult:
         """Generate with fully specified settings (upstream's generate_image).
 
         With ``release_diffusion`` the same steps run as staged calls (same pixels),
@@ -298,35 +313,29 @@ class Pipeline:
                 s = self._with_engine_defaults(s)
             check_schedule(s, self.family)
             if self.settings.release_diffusion:
-                return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress)
+                return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress,
+                                             preview=preview)
             params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
             images, seconds, buffers = self._engine.generate(params, keep, s.batch_count, progress=progress,
-                                                             token=cancel)
+                                                             preview=preview, token=cancel)
             return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
 
     def _generate_staged(self, s: GenerationSettings, *, init_image: ImageLike | None,
-                         ref_images: Sequence[ImageLike], progress: ProgressFn | None) -> GenerationResult:
+                         ref_images: Sequence[ImageLike], progress: ProgressFn | None,
+                         preview: Preview | None) -> GenerationResult:
         """generate_image's steps as staged calls: encode, (encode the init image), then per
         image of the batch denoise with seed + i and decode."""
+        from .sweep import iter_images
+
         start = time.perf_counter()
-        cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None)
-        init = None
-        if init_image is not None:
-            init = self.encode_image(init_image, seed=s.seed, width=s.width, height=s.height)
-        images = []
-        for seed in s.seeds():
-            latent = self.denoise(cond, width=s.width, height=s.height, steps=s.steps, cfg_scale=s.cfg_scale,
-                                  sampler=s.sampler, scheduler=s.scheduler, seed=seed, flow_shift=s.flow_shift,
-                                  guidance=s.guidance, sigmas=s.sigmas, init_latent=init,
-                                  strength=s.strength if init is not None else None, ref_images=ref_images,
-                                  progress=progress)
-            images.append(self.decode(latent))
+        images = [item.image for item in iter_images(self, s, init_image=init_image, ref_images=ref_images,
+                                                     progress=progress, preview=preview)]
         buffers = {} if self.closed else self._engine.all_buffers()   # closed by another thread since
         return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start},
                                 self._weights(buffers))
 
     def _params(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
-                ref_images: Sequence[ImageLike] = ()):
+                ref_images: Sequence[ImageLike] = ()) -> tuple[CStruct, list[Any]]:
         params = ffi.new("sd_img_gen_params_t*")
         lib.sd_img_gen_params_init(params)
         keep: list[Any] = s.fill(params)
@@ -371,7 +380,8 @@ class Pipeline:
                 guidance: float | None = None, sigmas: Sequence[float] | None = None,
                 init_latent: Latent | None = None, strength: float | None = None,
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
-                progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> Latent:
+                progress: ProgressFn | None = None, preview: Preview | None = None,
+                cancel: CancelToken | None = None) -> Latent:
         """Sample one latent from a conditioning, as generate() samples it for the same seed."""
         self._check_conditioning(conditioning)
         self._check_vae_encoder(None, ref_images)
@@ -395,25 +405,27 @@ class Pipeline:
                     raise InvalidArgumentError("noise holds NaN or infinite values")
             data, seconds = self._engine.denoise(params, keep, list(conditioning.parts.items()),
                                                  init_latent.data if init_latent is not None else None, noise,
-                                                 progress=progress, token=cancel)
+                                                 progress=progress, preview=preview, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
                       {"settings": s, "denoise_s": seconds})
 
     @overload
-    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ...,
+    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ..., vae_tiling: bool = False,
                cancel: CancelToken | None = None) -> Image.Image: ...
 
     @overload
-    def decode(self, latent: Latent, *, output_type: Literal["np"],
+    def decode(self, latent: Latent, *, output_type: Literal["np"], vae_tiling: bool = False,
                cancel: CancelToken | None = None) -> np.ndarray: ...
 
-    def decode(self, latent: Latent, *, output_type: str = "pil",
+    def decode(self, latent: Latent, *, output_type: str = "pil", vae_tiling: bool = False,
                cancel: CancelToken | None = None) -> Image.Image | np.ndarray:
-        """Latent to image: a PIL image, or with ``output_type="np"`` a uint8 array (H, W, 3)."""
+        """Latent to image: a PIL image, or with ``output_type="np"`` a uint8 array (H, W, 3).
+
+        ``vae_tiling``: decode in tiles (less memory at large sizes, tile seams possible)."""
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError("output_type must be 'pil' or 'np'")
         self._check_latent(latent)
-        s = GenerationSettings(prompt="", width=latent.width, height=latent.height)
+        s = GenerationSettings(prompt="", width=latent.width, height=latent.height, vae_tiling=vae_tiling)
         params, keep = self._params(s)
         pil = self._engine.decode(params, keep, latent.data, token=cancel)
         return pil if output_type == "pil" else np.asarray(pil)
@@ -432,7 +444,7 @@ class Pipeline:
         data = self._engine.encode_image(params, keep, sd_image, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
 
-    def sweep(self, prompt: str, **grid: Any):
+    def sweep(self, prompt: str, **grid: Any) -> SweepResult:
         """Images for every combination of the given values, one encoding per prompt.
 
         See :func:`sdcpp_py.sweep.sweep` for the arguments.

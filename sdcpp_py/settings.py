@@ -7,10 +7,12 @@ import math
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._ffi import ffi, lib
+from ._ffi import ffi, lib, string
+from ._lib_types import CharP, CStruct
 from .errors import InvalidArgumentError
 from .weights import REPACK_CHOICES, UPCAST_CHOICES, UPCAST_TYPES
 
@@ -21,8 +23,8 @@ MAX_BATCH = 64
 SEED_RANGE = (0, 2**63 - 1)
 
 
-def _names(count: int, name_fn) -> tuple[str, ...]:
-    return tuple(ffi.string(name_fn(i)).decode() for i in range(count))
+def _names(count: int, name_fn: Callable[[int], CharP]) -> tuple[str, ...]:
+    return tuple(string(name_fn(i)) for i in range(count))
 
 
 SAMPLERS: tuple[str, ...] = _names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
@@ -77,7 +79,8 @@ def default_threads() -> int:
 
 # boolean fields of ContextSettings that are sd_ctx_params_t fields of the same name
 _ENGINE_FLAGS = ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
-                 "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct")
+                 "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
+                 "tae_preview_only")
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class ContextSettings:
     keep_vae_on_cpu: bool = False
     vae_conv_direct: bool = False
     diffusion_conv_direct: bool = False
+    tae_preview_only: bool = False       # with a taesd file: TAE previews, the full VAE for the image
     rng: str = "cuda"                    # the engine's default noise generator
     sampler_rng: str | None = None    # None: same as rng
     backend: str = "auto"                # "auto" (the engine's choice: a GPU if any), "cpu" or "vulkan"
@@ -125,7 +129,7 @@ class ContextSettings:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
 
-    def fill(self, p) -> None:
+    def fill(self, p: CStruct) -> None:
         """Write into an ``sd_ctx_params_t*`` that ``sd_ctx_params_init`` filled."""
         p.n_threads = self.n_threads
         if self.wtype is not None:
@@ -182,6 +186,7 @@ class GenerationSettings:
     guidance: float | None = None     # distilled guidance; None: engine default
     sigmas: tuple[float, ...] | None = None  # custom schedule (steps + 1 values); overrides steps
     strength: float = 0.75               # img2img: how much of the schedule runs on the init image
+    vae_tiling: bool = False             # decode in tiles (the engine's default tile size and overlap)
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -208,6 +213,8 @@ class GenerationSettings:
         if self.guidance is not None:
             object.__setattr__(self, "guidance", _float("guidance", self.guidance, 0.0, 100.0))
         object.__setattr__(self, "strength", _float("strength", self.strength, 0.0, 1.0))
+        if not isinstance(self.vae_tiling, bool):
+            raise TypeError("vae_tiling must be a bool")
         if self.sigmas is not None:
             if isinstance(self.sigmas, (str, bytes)) or not hasattr(self.sigmas, "__len__"):
                 raise TypeError("sigmas must be a sequence of numbers")
@@ -225,7 +232,7 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fill(self, p) -> list[Any]:
+    def fill(self, p: CStruct) -> list[Any]:
         """Write into an ``sd_img_gen_params_t*`` that ``sd_img_gen_params_init`` filled.
 
         The string buffers must outlive the call: they are returned to the caller.
@@ -250,4 +257,5 @@ class GenerationSettings:
             keep.append(ffi.new("float[]", list(self.sigmas)))
             s.custom_sigmas, s.custom_sigmas_count = keep[-1], len(self.sigmas)
         p.strength = self.strength
+        p.vae_tiling_params.enabled = self.vae_tiling
         return keep

@@ -1,15 +1,20 @@
-"""Sweeps: a grid of seeds x steps x sizes x cfg x samplers for one prompt, encoded once."""
+"""Many images from one prompt encoding: a settings' seeds (``iter_images``), and sweeps,
+a grid of seeds x steps x sizes x cfg x samplers for one prompt."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ._callbacks import Preview, ProgressFn
+from ._engine_thread import CancelToken
+from ._images import ImageLike
 from .settings import GenerationSettings
 from .staged import Conditioning, Latent
 
@@ -36,6 +41,44 @@ class SweepResult:
         return [i.image for i in self.items]
 
 
+@dataclass
+class ImageItem:
+    """One image of :func:`iter_images`: its seed, its settings (batch of one) and timings."""
+
+    image: Image.Image
+    seed: int
+    settings: GenerationSettings
+    timings: dict[str, float]
+
+
+def iter_images(pipe: Pipeline, s: GenerationSettings, *, seeds: Sequence[int] | None = None,
+                init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
+                progress: ProgressFn | None = None, preview: Preview | None = None,
+                cancel: CancelToken | None = None) -> Iterator[ImageItem]:
+    """generate_image's steps as staged calls, one image at a time: encode once (cached), the
+    init image once (seeded with the first seed), then denoise and decode per seed.
+
+    With the default seeds (``s.seeds()``) the images are those of ``generate_with(s)``."""
+    seeds = list(seeds) if seeds is not None else s.seeds()
+    start = time.perf_counter()
+    cond = pipe.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, cancel=cancel)
+    encode_s = time.perf_counter() - start
+    init = None
+    if init_image is not None:
+        init = pipe.encode_image(init_image, seed=seeds[0], width=s.width, height=s.height, cancel=cancel)
+    for i, seed in enumerate(seeds):
+        latent = pipe.denoise(cond, width=s.width, height=s.height, steps=s.steps, cfg_scale=s.cfg_scale,
+                              sampler=s.sampler, scheduler=s.scheduler, seed=seed, flow_shift=s.flow_shift,
+                              guidance=s.guidance, sigmas=s.sigmas, init_latent=init,
+                              strength=s.strength if init is not None else None, ref_images=ref_images,
+                              progress=progress, preview=preview, cancel=cancel)
+        t0 = time.perf_counter()
+        image = pipe.decode(latent, vae_tiling=s.vae_tiling, cancel=cancel)
+        timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
+                   "decode_s": time.perf_counter() - t0}
+        yield ImageItem(image, seed, dataclasses.replace(s, seed=seed, batch_count=1), timings)
+
+
 def _encode(pipe: Pipeline, prompt: str, cfg_scales: Sequence[float | None],
             negative_prompt: str) -> Conditioning:
     default_cfg = pipe.preset.cfg_scale if pipe.preset else 1.0
@@ -47,7 +90,7 @@ def iter_sweep(pipe: Pipeline, prompt: str, *, seeds: Sequence[int | None] = (No
                steps: Sequence[int | None] = (None,), sizes: Sequence[tuple[int, int] | None] = (None,),
                cfg_scales: Sequence[float | None] = (None,), samplers: Sequence[str | None] = (None,),
                schedulers: Sequence[str | None] = (None,), negative_prompt: str = "",
-               conditioning: Conditioning | None = None, progress=None) -> Iterator[SweepItem]:
+               conditioning: Conditioning | None = None, progress: ProgressFn | None = None) -> Iterator[SweepItem]:
     """Yield one item per grid point as soon as it is decoded. The prompt is encoded
     once (with its negative only if some cfg differs from 1), unless ``conditioning``
     is given."""
@@ -64,7 +107,7 @@ def iter_sweep(pipe: Pipeline, prompt: str, *, seeds: Sequence[int | None] = (No
                         {"denoise_s": latent.info["denoise_s"], "decode_s": decode_s})
 
 
-def sweep(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", **grid) -> SweepResult:
+def sweep(pipe: Pipeline, prompt: str, *, negative_prompt: str = "", **grid: Any) -> SweepResult:
     """Run :func:`iter_sweep` to the end; timings hold encode_s and wall_s."""
     start = time.perf_counter()
     cond = _encode(pipe, prompt, grid.get("cfg_scales", (None,)), negative_prompt)

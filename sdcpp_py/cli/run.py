@@ -1,0 +1,193 @@
+"""sd-cli's img_gen mode in one resident process: load once, encode each prompt once.
+
+Every image is encode -> denoise -> decode through the Pipeline's staged calls (the
+same pixels as one-shot ``generate``, which is sd-cli's path), so N prompts x M seeds
+cost one load, N encodings and N x M samplings. Each image is written as soon as it
+is decoded, with its settings in the PNG; Ctrl-C stops the running step and exits
+130, keeping what was written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .. import Preview
+from ..metadata import ImageParameters, image_parameters, read_parameters, save_png
+from ..pipeline import Pipeline
+from ..settings import ContextSettings
+from ..sweep import iter_images
+from .jobs import Job, OutputNames, make_jobs, parse_seeds, read_prompt_file
+from .sdcli import SD_CLI_DEFAULT_SEED, CliError, context_settings
+
+logger = logging.getLogger("sdcpp_py.cli")
+
+
+class StepBars:
+    """A tqdm bar per image (steps, seconds per step, ETA; on stderr): a new bar opens when
+    the step count starts again."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.index = 1
+        self.bar: Any = None
+        self.last = 0
+
+    def next_image(self) -> None:
+        self.close()
+        self.index += 1
+
+    def __call__(self, step: int, steps: int, seconds: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"image {self.index}/{self.total}", unit="step",
+                            file=sys.stderr, leave=True)
+        self.bar.update(max(0, min(step, steps) - self.bar.n))
+        self.bar.set_postfix_str(f"{seconds:.2f} s/step")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _generation_overrides(args: argparse.Namespace, stored: ImageParameters | None) -> dict[str, Any]:
+    """generate() keywords from the flags, the stored image's settings filling the rest."""
+    flags = {"width": args.width, "height": args.height, "steps": args.steps, "cfg_scale": args.cfg_scale,
+             "sampler": args.sampling_method, "scheduler": args.scheduler, "flow_shift": args.flow_shift,
+             "guidance": args.guidance, "sigmas": args.sigmas, "strength": args.strength,
+             "vae_tiling": True if args.vae_tiling else None}
+    if stored is not None:
+        s = stored.settings
+        base = {"width": s.width, "height": s.height, "steps": s.steps, "cfg_scale": s.cfg_scale,
+                "sampler": s.sampler, "scheduler": s.scheduler, "flow_shift": s.flow_shift, "guidance": s.guidance,
+                "sigmas": s.sigmas, "strength": s.strength, "vae_tiling": s.vae_tiling or None}
+        flags = {k: v if v is not None else base.get(k) for k, v in flags.items()}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]:
+    default_seed = stored.settings.seed if stored is not None else SD_CLI_DEFAULT_SEED
+    seeds = parse_seeds(args.seeds, args.seed_range, args.seed, args.batch_count, default_seed)
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise CliError("give -p/--prompt or --prompt-file, not both")
+        lines = read_prompt_file(args.prompt_file)
+    else:
+        prompt = args.prompt if args.prompt is not None else (stored.settings.prompt if stored else None)
+        if prompt is None:
+            raise CliError("the following arguments are required: -p/--prompt (or --prompt-file)")
+        lines = [{"prompt": prompt}]
+    negative = args.negative_prompt if args.negative_prompt is not None else (
+        stored.settings.negative_prompt if stored else "")
+    base = _generation_overrides(args, stored)
+    jobs = make_jobs(lines, seeds, negative, args.init_img, list(args.ref_image))
+    for job in jobs:
+        job.overrides = {**base, **job.overrides}
+    return jobs
+
+
+def _open_image(path: str, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            rgb: Image.Image = im.convert("RGB")
+            return rgb
+    except (OSError, ValueError) as e:
+        raise CliError(f"{what} {path}: {e}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    stored = read_parameters(args.from_png) if args.from_png is not None else None
+    if stored is not None and stored.source == "sdcpp_py":
+        logger.info("regenerating %s: %s", args.from_png, stored.models)
+    jobs = _jobs(args, stored)
+    if not (args.model or args.diffusion_model):
+        hint = f" (the image was made with {stored.models})" if stored is not None else ""
+        raise CliError(f"give the model files: --diffusion-model (with --llm, --vae) or -m{hint}")
+    settings = ContextSettings(**context_settings(args, stored.context if stored else None),
+                               tae_preview_only=args.taesd_preview_only)
+    total = sum(len(j.seeds) for j in jobs)
+    names = OutputNames(args.output, total, args.output_begin_idx)
+    summary: dict[str, Any] = {"outputs": [], "seeds": [], "prompts": len(jobs)}
+    start = time.perf_counter()
+    preview = _preview(args)
+    pipe: Pipeline | None = None
+    try:
+        pipe = Pipeline(model=args.model, diffusion_model=args.diffusion_model, llm=args.llm, vae=args.vae,
+                        taesd=args.taesd, preset=args.preset, settings=settings)
+        if stored is not None and stored.hashes and not args.disable_image_metadata:
+            _check_hashes(pipe, stored)
+        weights = pipe.weights
+        bars = StepBars(total, enabled=not args.no_progress)
+        index = 0
+        for job in jobs:
+            s = pipe.settings_for(job.prompt, negative_prompt=job.negative_prompt, seed=job.seeds[0], **job.overrides)
+            init = _open_image(job.init_img, "--init-img") if job.init_img else None
+            refs = [_open_image(r, "--ref-image") for r in job.ref_images]
+            # With an init image each seed encodes it with its own seed, as generate(seed=...) does.
+            groups = [[seed] for seed in job.seeds] if init is not None else [job.seeds]
+            for seeds in groups:
+                items = iter_images(pipe, s, seeds=seeds, init_image=init, ref_images=refs, progress=bars,
+                                    preview=preview)
+                for item in items:
+                    bars.close()
+                    path = names.name(index, job, item.seed, item.settings)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    params = (None if args.disable_image_metadata
+                              else image_parameters(pipe, item.settings, item.seed, weights))
+                    if path.suffix.lower() == ".png":
+                        save_png(item.image, path, params)
+                    else:
+                        item.image.save(path)
+                    logger.info("save result image %d to '%s' (denoise %.2f s, decode %.2f s)", index, path,
+                                item.timings["denoise_s"], item.timings["decode_s"])
+                    summary["outputs"].append(str(path))
+                    summary["seeds"].append(item.seed)
+                    index += 1
+                    bars.next_image()
+        bars.close()
+    except KeyboardInterrupt:
+        print(f"sdcpp-py: interrupted; {len(summary['outputs'])} of {total} images written", file=sys.stderr)
+        return 130
+    finally:
+        if pipe is not None:
+            summary.update({"loads": pipe.load_count, "encodes": pipe.encodings.info().misses,
+                            "load_s": round(pipe.load_seconds, 3), "weights": pipe.weight_plan.to_dict()})
+            pipe.close()
+        summary["total_s"] = round(time.perf_counter() - start, 3)
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> Preview | None:
+    if args.preview == "none":
+        return None
+    path = Path(args.preview_path)
+
+    def write(step: int, image: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+
+    return Preview(write, mode=args.preview, interval=args.preview_interval, noisy=args.preview_noisy)
+
+
+def _check_hashes(pipe: Pipeline, stored: ImageParameters) -> None:
+    from ..metadata import file_hash
+
+    for role, digest in stored.hashes.items():
+        p = pipe.paths.get(role)
+        if p is not None and file_hash(p) != digest:
+            logger.warning("%s %s differs from the file the image was made with (hash %s, now %s)",
+                           role, p.name, digest, file_hash(p))

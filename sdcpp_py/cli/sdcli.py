@@ -1,0 +1,194 @@
+"""sd-cli's command line: its flags, spelled and grouped as sd-cli spells and groups them.
+
+Flags sd-cli has and the engine behind us supports map onto Pipeline, ContextSettings
+and GenerationSettings; sd-cli flags we do not support are known by name and refused
+with a one-line error (exit 2), as are flags sd-cli does not have. Defaults for what
+a command does not give follow the model's preset (steps, cfg, size), except the seed:
+42, as in sd-cli.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+SD_CLI_DEFAULT_SEED = 42
+
+# sd-cli flags we know and refuse: the engine runs them, sdcpp-py does not offer them yet.
+UNSUPPORTED = (
+    "--clip_l", "--clip_g", "--clip_vision", "--t5xxl", "--llm_vision", "--qwen2vl_vision",
+    "--high-noise-diffusion-model", "--control-net", "--embd-dir", "--lora-model-dir", "--hires-upscalers-dir",
+    "--photo-maker", "--upscale-model", "--chroma-t5-mask-pad", "--max-vram", "--force-sdxl-vae-conv-scale",
+    "--control-net-cpu", "--circular", "--circularx", "--circulary", "--chroma-disable-dit-mask",
+    "--qwen-image-zero-cond-t", "--chroma-enable-t5-mask", "--prediction", "--lora-apply-mode", "--end-img",
+    "--mask", "--control-image", "--control-video", "--pm-id-images-dir", "--pm-id-embed-path",
+    "--hires-upscaler", "--high-noise-steps", "--clip-skip", "--video-frames", "--fps", "--timestep-shift",
+    "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
+    "--hires-upscale-tile-size", "--img-cfg-scale", "--slg-scale", "--skip-layer-start", "--skip-layer-end",
+    "--eta", "--high-noise-cfg-scale", "--high-noise-img-cfg-scale", "--high-noise-guidance",
+    "--high-noise-slg-scale", "--high-noise-skip-layer-start", "--high-noise-skip-layer-end", "--high-noise-eta",
+    "--pm-style-strength", "--control-strength", "--moe-boundary", "--vace-strength", "--vae-tile-overlap",
+    "--hires-scale", "--hires-denoising-strength", "--increase-ref-index", "--disable-auto-resize-ref-image",
+    "--hires", "--high-noise-sampling-method", "--skip-layers", "--high-noise-skip-layers", "--cache-mode",
+    "--cache-option", "--scm-mask", "--scm-policy", "--vae-tile-size", "--vae-relative-tile-size", "--canny",
+    "--metadata-raw", "--metadata-brief", "--metadata-all",
+)
+MODES = ("img_gen", "convert", "metadata")
+UNSUPPORTED_MODES = ("vid_gen", "upscale")
+
+
+class CliError(Exception):
+    """A command line we refuse (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, naming the flag (argparse would print the usage first)."""
+        raise CliError(message)
+
+
+def _csv_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated numbers: {text!r}") from None
+
+
+def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
+    ap = _Parser(prog=prog, allow_abbrev=False, add_help=False, usage="%(prog)s [options]",
+                 description="stable-diffusion.cpp in-process, with sd-cli's command line. Subcommands: "
+                             "demo, info [IMAGE.png], download, convert (`sdcpp-py SUBCOMMAND --help`).")
+    cli = ap.add_argument_group("CLI Options")
+    cli.add_argument("-o", "--output", default="output.png",
+                     help="path to write result image to; printf-style %%d for image sequences (output_%%03d.png); "
+                          "our addition: a template with {index}, {prompt_index}, {seed}, {steps}, {width}, "
+                          "{height}, {slug} (default: ./output.png, ./output.gguf for convert)")
+    cli.add_argument("--image", help="path to the image to inspect (for metadata mode)")
+    cli.add_argument("--metadata-format", choices=("text", "json"), default="text",
+                     help="metadata output format (default: text)")
+    cli.add_argument("--preview-path", default="preview.png", help="path to write preview image to")
+    cli.add_argument("--preview-interval", type=int, default=1,
+                     help="interval in denoising steps between preview updates (default 1)")
+    cli.add_argument("--output-begin-idx", type=int, default=-1,
+                     help="starting index for output image sequence (default 0)")
+    cli.add_argument("--convert-name", action="store_true", help="convert tensor names (for convert mode)")
+    cli.add_argument("-v", "--verbose", action="count", default=0, help="print extra info (-vv: engine debug log)")
+    cli.add_argument("--color", action="store_true", help="accepted for sd-cli compatibility (no effect)")
+    cli.add_argument("--taesd-preview-only", action="store_true",
+                     help="use taesd for previews only, not for the final image")
+    cli.add_argument("--preview-noisy", action="store_true", help="preview the noisy inputs, not the denoised")
+    cli.add_argument("-M", "--mode", default="img_gen", help="run mode, one of [img_gen, convert, metadata]")
+    cli.add_argument("--preview", default="none", choices=("none", "proj", "tae", "vae"),
+                     help="preview method (default none)")
+    cli.add_argument("-h", "--help", action="help", help="show this help message and exit")
+
+    ctx = ap.add_argument_group("Context Options")
+    ctx.add_argument("-m", "--model", help="path to full model")
+    ctx.add_argument("--llm", "--qwen2vl", dest="llm", help="path to the llm text encoder (Qwen3 for these models)")
+    ctx.add_argument("--diffusion-model", help="path to the standalone diffusion model")
+    ctx.add_argument("--vae", help="path to standalone vae model")
+    ctx.add_argument("--taesd", "--tae", dest="taesd", help="path to taesd (tiny autoencoder: fast, low quality)")
+    ctx.add_argument("--tensor-type-rules", help='weight type per tensor pattern (example: "^vae\\.=f16")')
+    ctx.add_argument("-t", "--threads", type=int, default=-1,
+                     help="number of threads (default -1: the physical cores)")
+    ctx.add_argument("--offload-to-cpu", action="store_true", help="weights in RAM, loaded to VRAM when needed")
+    ctx.add_argument("--mmap", action="store_true", help="memory-map the model files")
+    ctx.add_argument("--clip-on-cpu", action="store_true", help="keep the text encoder on the CPU")
+    ctx.add_argument("--vae-on-cpu", action="store_true", help="keep the VAE on the CPU")
+    ctx.add_argument("--fa", action="store_true", help="use flash attention")
+    ctx.add_argument("--diffusion-fa", action="store_true", help="flash attention in the diffusion model only")
+    ctx.add_argument("--diffusion-conv-direct", action="store_true", help="ggml_conv2d_direct in the diffusion model")
+    ctx.add_argument("--vae-conv-direct", action="store_true", help="ggml_conv2d_direct in the VAE")
+    ctx.add_argument("--type", dest="wtype",
+                     help="weight type (f32, f16, bf16, q8_0, q4_0, q4_K, ...; default: the file's types)")
+    ctx.add_argument("--rng", help="RNG, one of [std_default, cuda, cpu] (default cuda)")
+    ctx.add_argument("--sampler-rng", help="sampler RNG (default: --rng)")
+
+    gen = ap.add_argument_group("Generation Options")
+    gen.add_argument("-p", "--prompt", help="the prompt to render")
+    gen.add_argument("-n", "--negative-prompt", help='the negative prompt (default: "")')
+    gen.add_argument("-i", "--init-img", help="path to the init image (img2img)")
+    gen.add_argument("-H", "--height", type=int, help="image height (default: the preset's)")
+    gen.add_argument("-W", "--width", type=int, help="image width (default: the preset's)")
+    gen.add_argument("--steps", type=int, help="number of sample steps (default: the preset's)")
+    gen.add_argument("-b", "--batch-count", type=int, default=1, help="batch count")
+    gen.add_argument("--cfg-scale", type=float, help="unconditional guidance scale (default: the preset's)")
+    gen.add_argument("--guidance", type=float, help="distilled guidance scale")
+    gen.add_argument("--flow-shift", type=float, help="shift value for flow models (default: auto)")
+    gen.add_argument("--strength", type=float, help="strength for noising/unnoising (default 0.75)")
+    gen.add_argument("--disable-image-metadata", action="store_true", help="no generation metadata in the PNG")
+    gen.add_argument("--vae-tiling", action="store_true", help="process the VAE in tiles to reduce memory")
+    gen.add_argument("-s", "--seed", type=int,
+                     help="RNG seed (default 42, random for < 0)")
+    gen.add_argument("--sampling-method", help="sampling method (euler, euler_a, heun, dpm++2m, ...)")
+    gen.add_argument("--scheduler", help="denoiser sigma scheduler (discrete, karras, simple, ...)")
+    gen.add_argument("--sigmas", type=_csv_floats, help='custom sigmas, comma-separated ("1.0,0.5,0.0")')
+    gen.add_argument("-r", "--ref-image", action="append", default=[],
+                     help="reference image (FLUX.2 editing; can be used multiple times)")
+
+    ours = ap.add_argument_group("sdcpp-py Options (not sd-cli's)")
+    ours.add_argument("--preset", help="z-image-turbo | flux2-klein-4b (default: by detected family)")
+    ours.add_argument("--upcast", choices=("auto", "none", "diffusion", "all"),
+                      help="expand quantized weights at load (auto: the weight policy; none: as stored, as sd-cli)")
+    ours.add_argument("--upcast-type", choices=("auto", "f16", "bf16"),
+                      help="what upcast expands to (auto: BF16 where the CPU has native BF16)")
+    ours.add_argument("--repack", choices=("auto", "none"),
+                      help="CPU: Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked layout (auto)")
+    ours.add_argument("--backend", default="auto", choices=("auto", "cpu", "vulkan"), help="compute backend")
+    ours.add_argument("--device", help="Vulkan device index or name")
+    ours.add_argument("--prompt-file", type=Path,
+                      help="one prompt per line, or JSON lines with per-line settings; models load once, "
+                           "each prompt is encoded once")
+    ours.add_argument("--seeds", help="comma-separated seeds: every prompt with each (1,2,3)")
+    ours.add_argument("--seed-range", help="seeds A to B inclusive (A:B)")
+    ours.add_argument("--from-png", type=Path, help="regenerate an image from its metadata (flags override)")
+    ours.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse sd-cli's command line; CliError for refused flags and values."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in UNSUPPORTED:
+            raise CliError(f"{flag}: an sd-cli flag that sdcpp-py does not support")
+    args = (parser or build_parser()).parse_args(argv)
+    if args.mode in UNSUPPORTED_MODES:
+        raise CliError(f"-M {args.mode}: an sd-cli mode that sdcpp-py does not support")
+    if args.mode not in MODES:
+        raise CliError(f"-M {args.mode}: run mode must be one of {', '.join(MODES)}")
+    if args.preview_interval < 1:
+        raise CliError("--preview-interval must be >= 1")
+    if args.batch_count < 1:
+        raise CliError("--batch-count must be >= 1")
+    return args
+
+
+def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """ContextSettings keywords for the parsed flags; ``stored`` (an image's metadata context)
+    fills what the flags leave unset."""
+    stored = stored or {}
+    device: int | str | None = args.device
+    if isinstance(device, str) and device.isdigit():
+        device = int(device)
+    picked = {"wtype": args.wtype, "upcast": args.upcast, "upcast_type": args.upcast_type, "repack": args.repack,
+              "tensor_type_rules": args.tensor_type_rules, "rng": args.rng, "sampler_rng": args.sampler_rng}
+    out: dict[str, Any] = {k: v if v is not None else stored.get(k) for k, v in picked.items()}
+    for k, default in (("upcast", "auto"), ("upcast_type", "auto"), ("repack", "auto"), ("rng", "cuda")):
+        out[k] = out[k] or default
+    flags = {"flash_attn": args.fa, "diffusion_flash_attn": args.diffusion_fa, "vae_conv_direct": args.vae_conv_direct,
+             "diffusion_conv_direct": args.diffusion_conv_direct}
+    out.update({k: bool(v or stored.get(k)) for k, v in flags.items()})
+    out.update({"enable_mmap": args.mmap, "offload_params_to_cpu": args.offload_to_cpu,
+                "keep_clip_on_cpu": args.clip_on_cpu, "keep_vae_on_cpu": args.vae_on_cpu,
+                "backend": args.backend, "device": device})
+    if args.threads > 0:
+        out["n_threads"] = args.threads
+    return out
+
+
+def print_error(message: str) -> int:
+    print(f"sdcpp-py: error: {message}", file=sys.stderr)
+    return 2

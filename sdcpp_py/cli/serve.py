@@ -1,0 +1,58 @@
+"""``sdcpp-py serve``: the model flags of the command line (or ``--config FILE``) plus the server's."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .sdcli import CliError, build_parser, context_settings, parse
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    ap = build_parser("sdcpp-py serve")
+    ap.description = ("Serve resident models over HTTP: OpenAI's /v1/images/generations and /edits, "
+                      "/v1/jobs with server-sent events, /v1/models, /health, /metrics. Model flags as for "
+                      "sdcpp-py itself (generation flags are ignored: requests carry their settings).")
+    g = ap.add_argument_group("Server Options")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8080, help="port (0: a free one, printed)")
+    g.add_argument("--api-key", default=os.environ.get("SDCPP_PY_API_KEY"),
+                   help="require Authorization: Bearer KEY (default: $SDCPP_PY_API_KEY)")
+    g.add_argument("--config", type=Path, help="JSON file with several model sets and limits")
+    g.add_argument("--name", help="the model's name at /v1/models (default: its preset)")
+    g.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
+    g.add_argument("--max-n", type=int, help="images per request (default 8)")
+    g.add_argument("--max-pixels", type=int, help="width x height per image (default 1536*1536)")
+    g.add_argument("--max-steps", type=int, help="steps per image (default 50)")
+    g.add_argument("--max-queue", type=int, help="queued jobs before 429 (default 16)")
+    g.add_argument("--result-ttl", type=float, help="seconds a finished job is kept (default 600)")
+    g.add_argument("--max-body-mb", type=float, help="request body size in MB (default 32)")
+    g.add_argument("--max-requests", type=int, help="stop after this many requests (tests)")
+    g.add_argument("--max-seconds", type=float, help="stop after this many seconds (tests)")
+    return ap
+
+
+def serve_command(argv: list[str]) -> int:
+    from ..server import Limits, ModelEntry, ServerConfig, load_config, serve
+
+    args = parse(argv, serve_parser())
+    if args.config is not None:
+        if args.model or args.diffusion_model:
+            raise CliError("give the model flags or --config, not both")
+        entries, limits = load_config(args.config)
+    else:
+        if not (args.model or args.diffusion_model):
+            raise CliError("give the model files (--diffusion-model, --llm, --vae, or -m) or --config FILE")
+        files = {k: str(Path(v).expanduser().resolve()) for k, v in
+                 (("model", args.model), ("diffusion_model", args.diffusion_model), ("llm", args.llm),
+                  ("vae", args.vae), ("taesd", args.taesd)) if v}
+        entries = [ModelEntry(args.name or "", files, args.preset, context_settings(args))]
+        limits = Limits()
+    overrides = {"max_n": args.max_n, "max_pixels": args.max_pixels, "max_steps": args.max_steps,
+                 "max_queue": args.max_queue, "result_ttl_s": args.result_ttl,
+                 "max_body_bytes": int(args.max_body_mb * (1 << 20)) if args.max_body_mb else None}
+    limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    config = ServerConfig(tuple(entries), limits, args.api_key or None, tuple(args.cors_origin))
+    return serve(config, host=args.host, port=args.port, max_requests=args.max_requests,
+                 max_seconds=args.max_seconds, log_level="info" if args.verbose else "warning")

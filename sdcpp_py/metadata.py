@@ -1,0 +1,225 @@
+"""Generation settings in a PNG, in sd-cli's ``parameters`` layout, and back.
+
+sd-cli writes one ``parameters`` text chunk: the prompt, a negative-prompt line,
+then ``Steps: 4, CFG scale: 1.000000, ... Version: stable-diffusion.cpp, SDCPP:
+{json}`` with the JSON schema ``sdcpp.image.params/v1``. We write the same lines
+and the same JSON, with one more key, ``sdcpp_py``: everything a rerun needs that
+sd-cli's JSON does not hold (the settings as given to us, the pixel-relevant
+context settings, the files' hash prefixes, the weight policy's plan).
+:func:`read_parameters` reads both ours and sd-cli's images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from ._version import ENGINE_COMMIT, ENGINE_VERSION, __version__
+from .errors import InvalidArgumentError
+from .settings import GenerationSettings
+
+logger = logging.getLogger("sdcpp_py")
+SCHEMA = "sdcpp.image.params/v1"
+KEY = "parameters"
+HASH_CHARS = 10
+# Context settings that change pixels (a rerun must use the same ones).
+PIXEL_CONTEXT = ("rng", "sampler_rng", "wtype", "upcast", "upcast_type", "repack", "tensor_type_rules",
+                 "flash_attn", "diffusion_flash_attn", "vae_conv_direct", "diffusion_conv_direct")
+_PLAN_KEYS = ("components", "target", "reason", "per_component", "cpu_variant")
+
+
+def _f(x: float) -> str:
+    return f"{x:.6f}"     # C++ std::to_string(float)
+
+
+@dataclass
+class ImageParameters:
+    """What made one image: its settings (``seed`` is this image's), files and context."""
+
+    settings: GenerationSettings
+    models: dict[str, str] = field(default_factory=dict)     # role -> file name
+    hashes: dict[str, str] = field(default_factory=dict)     # role -> sha256 prefix
+    context: dict[str, Any] = field(default_factory=dict)    # PIXEL_CONTEXT values
+    weights: dict[str, Any] = field(default_factory=dict)    # the weight policy's plan
+    source: str = "sdcpp_py"                                 # "sdcpp_py" or "sd-cli"
+
+    def to_text(self) -> str:
+        s = self.settings
+        lines = [s.prompt]
+        if s.negative_prompt:
+            lines.append(f"Negative prompt: {s.negative_prompt}")
+        rng = self.context.get("rng") or "cuda"
+        items = [f"Steps: {s.steps}", f"CFG scale: {_f(s.cfg_scale)}",
+                 f"Guidance: {_f(s.guidance if s.guidance is not None else 3.5)}", f"Seed: {s.seed}",
+                 f"Size: {s.width}x{s.height}", f"Model: {self.models.get('model', '')}", f"RNG: {rng}"]
+        if self.context.get("sampler_rng"):
+            items.append(f"Sampler RNG: {self.context['sampler_rng']}")
+        sampler = f"Sampler: {s.sampler or 'default'}"
+        if s.sigmas is not None:
+            sampler += ", Custom Sigmas: [" + ", ".join(f"{v:.4f}" for v in s.sigmas) + "]"
+        elif s.scheduler:
+            sampler += f" {s.scheduler}"
+        items.append(sampler)
+        if "llm" in self.models:
+            items.append(f"TE: {self.models['llm']}")
+        if "diffusion_model" in self.models:
+            items.append(f"Unet: {self.models['diffusion_model']}")
+        if "vae" in self.models:
+            items.append(f"VAE: {self.models['vae']}")
+        items += [f"{role} hash: {h}" for role, h in self.hashes.items()]
+        items.append("Version: stable-diffusion.cpp")
+        lines.append(", ".join(items) + ", SDCPP: " + json.dumps(self.to_json(), separators=(",", ":")))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.settings
+        sampling: dict[str, Any] = {"steps": s.steps, "flow_shift": s.flow_shift,
+                                    "guidance": {"txt_cfg": s.cfg_scale, "distilled_guidance": s.guidance}}
+        if s.sampler:
+            sampling["method"] = s.sampler
+        if s.scheduler:
+            sampling["scheduler"] = s.scheduler
+        if s.sigmas is not None:
+            sampling["custom_sigmas"] = list(s.sigmas)
+        root: dict[str, Any] = {
+            "schema": SCHEMA, "mode": "img_gen",
+            "generator": {"name": "stable-diffusion.cpp", "version": ENGINE_VERSION, "commit": ENGINE_COMMIT},
+            "seed": s.seed, "width": s.width, "height": s.height,
+            "prompt": {"positive": s.prompt, "negative": s.negative_prompt},
+            "sampling": sampling, "models": dict(self.models), "strength": s.strength,
+            "rng": self.context.get("rng") or "cuda",
+        }
+        if self.context.get("sampler_rng"):
+            root["sampler_rng"] = self.context["sampler_rng"]
+        if s.vae_tiling:
+            root["vae_tiling"] = {"enabled": True}
+        root["sdcpp_py"] = {"version": __version__, "settings": {**s.to_dict(), "batch_count": 1},
+                            "context": self.context, "hashes": self.hashes, "weights": self.weights}
+        return root
+
+    @classmethod
+    def from_text(cls, text: str) -> ImageParameters:
+        """Parse a ``parameters`` text (ours or sd-cli's)."""
+        head, sep, tail = text.rpartition(", SDCPP: ")
+        if not sep:
+            raise InvalidArgumentError("the parameters hold no SDCPP JSON (not written by sd-cli or sdcpp-py)")
+        try:
+            root = json.loads(tail)
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(f"the parameters' SDCPP JSON is unreadable: {e}") from None
+        if not isinstance(root, dict) or root.get("schema") != SCHEMA:
+            raise InvalidArgumentError(f"the parameters' JSON is not {SCHEMA}")
+        ours = root.get("sdcpp_py")
+        if isinstance(ours, dict) and isinstance(ours.get("settings"), dict):
+            settings = dict(ours["settings"])
+            if settings.get("sigmas") is not None:
+                settings["sigmas"] = tuple(settings["sigmas"])
+            return cls(GenerationSettings(**settings), dict(root.get("models") or {}), dict(ours.get("hashes") or {}),
+                       dict(ours.get("context") or {}), dict(ours.get("weights") or {}), "sdcpp_py")
+        return cls._from_sd_cli(root)
+
+    @classmethod
+    def _from_sd_cli(cls, root: dict[str, Any]) -> ImageParameters:
+        sampling = root.get("sampling") or {}
+        guidance = sampling.get("guidance") or {}
+        sigmas = sampling.get("custom_sigmas") or None
+        prompt = root.get("prompt") or {}
+        flow_shift = sampling.get("flow_shift")
+        settings = GenerationSettings(
+            prompt=prompt.get("positive", ""), negative_prompt=prompt.get("negative", ""),
+            width=int(root["width"]), height=int(root["height"]), steps=int(sampling.get("steps", 20)),
+            cfg_scale=float(guidance.get("txt_cfg", 7.0)), sampler=sampling.get("method"),
+            scheduler=sampling.get("scheduler"), seed=int(root.get("seed", 42)),
+            flow_shift=float(flow_shift) if flow_shift is not None and 0 < float(flow_shift) < 1e30 else None,
+            guidance=float(guidance["distilled_guidance"]) if "distilled_guidance" in guidance else None,
+            sigmas=tuple(sigmas) if sigmas else None, strength=float(root.get("strength", 0.75)),
+            vae_tiling=bool((root.get("vae_tiling") or {}).get("enabled", False)))
+        context = {"rng": root.get("rng", "cuda"), "sampler_rng": root.get("sampler_rng")}
+        return cls(settings, dict(root.get("models") or {}), {}, context, {}, "sd-cli")
+
+
+def read_parameters(path: str | Path) -> ImageParameters:
+    """The settings stored in a PNG written by sdcpp-py or sd-cli."""
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgumentError(f"{p}: no such image")
+    try:
+        with Image.open(p) as im:
+            text = im.info.get(KEY)
+    except OSError as e:
+        raise InvalidArgumentError(f"{p}: not an image ({e})") from None
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"{p} carries no '{KEY}' text")
+    return ImageParameters.from_text(text)
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: ImageParameters | None) -> Path:
+    """Write ``image`` as PNG with a ``parameters`` text chunk (none when ``parameters`` is None)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_itxt(KEY, parameters.to_text())
+    p = Path(path)
+    image.save(p, format="PNG", pnginfo=info)
+    return p
+
+
+# -- file hashes -------------------------------------------------------------------------------
+_hash_lock = threading.Lock()
+_HASH_CACHE_ENTRIES = 512
+
+
+def _hash_cache_file() -> Path:
+    base = os.environ.get("SDCPP_PY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdcpp_py")
+    return Path(base) / "file-hashes.json"
+
+
+def file_hash(path: Path) -> str:
+    """The first HASH_CHARS hex digits of the file's SHA-256, cached by path, size and mtime."""
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    cache_file = _hash_cache_file()
+    with _hash_lock:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        cached = cache.get(key) if isinstance(cache, dict) else None
+        if isinstance(cached, str):
+            return cached
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()[:HASH_CHARS]
+        cache = cache if isinstance(cache, dict) else {}
+        cache[key] = digest
+        cache = dict(list(cache.items())[-_HASH_CACHE_ENTRIES:])   # the newest entries
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError as e:
+            logger.debug("file hash cache not written: %s", e)
+        return digest
+
+
+def image_parameters(pipe: Any, settings: GenerationSettings, seed: int, weights: dict[str, Any] | None = None,
+                     *, hashes: bool = True) -> ImageParameters:
+    """The parameters of one image a Pipeline made with ``settings`` and ``seed``."""
+    paths: dict[str, Path | None] = pipe.paths
+    models = {role: p.name for role, p in paths.items() if p is not None}
+    digests = {role: file_hash(p) for role, p in paths.items() if p is not None} if hashes else {}
+    context = {k: getattr(pipe.settings, k) for k in PIXEL_CONTEXT}
+    one = GenerationSettings(**{**settings.to_dict(), "seed": seed, "batch_count": 1})
+    plan = {k: v for k, v in (weights or {}).items() if k in _PLAN_KEYS}
+    return ImageParameters(one, models, digests, context, plan)
