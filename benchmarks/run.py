@@ -8,7 +8,8 @@ Suites (``--suites``): compare (sdcpp-py vs sd-cli with the package's and upstre
 flags, stable-diffusion-cpp-python, diffusers), knobs (weight types, upcast, threads,
 CPU variant, flash attention, VAE direct conv), roofline (DiT step GFLOP/s against an
 fp32 GEMM of the same shapes), guide (the field guide's sweeps with contact sheets),
-control (cancel latency in a step and in a VAE decode, isolation overhead, memory).
+control (cancel latency in a step and in a VAE decode, isolation overhead, memory), server (HTTP
+latency against an in-process generation, requests per minute from 4 clients).
 Every measurement runs in a child process (wall time and peak RSS from wait4) on
 files written once into the cache. See benchmarks/README.md for the setup of the
 external tools and for results.
@@ -27,11 +28,12 @@ import compare  # noqa: E402
 import control  # noqa: E402
 import guide  # noqa: E402
 import knobs  # noqa: E402
+import serving  # noqa: E402
 from harness import CACHE, RESULTS, machine_info, run_spec, write_json  # noqa: E402
 from roofline import roofline  # noqa: E402
 
 FAMILIES = ("z-image-turbo", "flux2-klein")
-SUITES = ("compare", "knobs", "roofline", "guide", "control")
+SUITES = ("compare", "knobs", "roofline", "guide", "control", "server")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -129,6 +131,13 @@ def main(argv: list[str]) -> int:
             res = control.run(fam, models(fam), args, work / "control")
             results.setdefault("control", []).append(res)
             md += control.markdown(res)
+            write_json(out / "results.json", results)
+    if "server" in suites:
+        md.append("## Server: HTTP on top of a generation, requests per minute")
+        for fam in args.knob_families.split(","):
+            res = serving.run(fam, models(fam), args, work / "server")
+            results.setdefault("server", []).append(res)
+            md += serving.markdown(res)
             write_json(out / "results.json", results)
     import plots
 

@@ -77,3 +77,7 @@ def test_run_quick(tmp_path):
         assert res["isolated_same_pixels"] and res["isolation_overhead"] > 0
         assert res["rss_after_close_mb"] < res["rss_after_generations_mb"]
     assert "## Control" in summary
+    for res in data["server"]:    # the HTTP path runs and is measured against the in-process one
+        assert res["http_overhead"] > 0 and res["requests_per_minute_4_clients"] > 0
+        assert res["latency_p95_s"] >= res["latency_p50_s"] > 0
+    assert "## Server" in summary

@@ -1,0 +1,117 @@
+"""Server suite: what HTTP costs on top of a generation, and requests per minute under load.
+
+    python benchmarks/run.py --suites server --knob-families z-image-turbo,flux2-klein
+    python benchmarks/serving.py --child spec.json               # one measured process
+
+In one child process per family: the server's own resident pipeline generates N images
+directly (the in-process baseline), then the same N requests go through a real uvicorn on
+127.0.0.1 one at a time (latency per request), then 2N requests from 4 clients at once
+(requests per minute, p50/p95 latency). Upstream's sd-server is not in the pinned engine
+(its examples/ holds only the CLI), so there is no sd-server row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import HERE, emit, ratio, run_child  # noqa: E402
+
+PROMPT = "a lighthouse on a cliff at dawn, volumetric light"
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    import httpx
+    import uvicorn
+
+    from sdcpp_py.server import Limits, ModelEntry, Registry, ServerConfig, create_app, warm
+
+    entry = ModelEntry("model", spec["files"], settings=spec.get("context", {}))
+    t = time.perf_counter()
+    registry = Registry([entry])
+    load_s = time.perf_counter() - t
+    warm(registry)
+    pipe = registry.models["model"].pipe
+    w, h, steps, n = spec["width"], spec["height"], spec["steps"], spec["images"]
+    pipe.generate(PROMPT, width=w, height=h, steps=steps, seed=0)           # warm-up at this size
+    direct = []
+    for i in range(n):
+        t = time.perf_counter()
+        pipe.generate(PROMPT, width=w, height=h, steps=steps, seed=100 + i)
+        direct.append(time.perf_counter() - t)
+
+    app = create_app(registry, ServerConfig((entry,), Limits(max_queue=64)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def request(seed: int) -> float:
+        t = time.perf_counter()
+        r = httpx.post(f"{url}/v1/images/generations", timeout=3600,
+                       json={"prompt": PROMPT, "size": f"{w}x{h}", "steps": steps, "seed": seed})
+        r.raise_for_status()
+        base64.b64decode(r.json()["data"][0]["b64_json"])
+        return time.perf_counter() - t
+
+    sequential = [request(100 + i) for i in range(n)]
+    t = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(request, range(200, 200 + 2 * n)))
+    wall = time.perf_counter() - t
+    server.should_exit = True
+    thread.join(60)
+    registry.close()
+    q = statistics.quantiles(concurrent, n=20) if len(concurrent) >= 2 else concurrent * 19
+    return {"load_s": round(load_s, 2), "direct_s_per_image": round(statistics.mean(direct), 3),
+            "http_s_per_request": round(statistics.mean(sequential), 3),
+            "http_overhead": ratio(statistics.mean(sequential), statistics.mean(direct)),
+            "requests_per_minute_4_clients": round(60 * len(concurrent) / wall, 2),
+            "direct_images_per_minute": round(60 / statistics.mean(direct), 2),
+            "latency_p50_s": round(statistics.median(concurrent), 3), "latency_p95_s": round(q[18], 3)}
+
+
+def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
+    spec = {"files": {"diffusion_model": str(models.diffusion_model), "llm": str(models.llm),
+                      "vae": str(models.vae)},
+            "context": {"n_threads": args.threads}, "width": args.width, "height": args.height,
+            "steps": args.steps, "images": 2 if args.quick else 4}
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{family}-server.json"
+    path.write_text(json.dumps(spec))
+    r = run_child([sys.executable, str(HERE / "serving.py"), "--child", str(path)], log=work / f"{family}-server.log")
+    return {"family": family, "spec": spec, "peak_rss_mb": r.peak_rss_mb, **r.report}
+
+
+def markdown(res: dict[str, Any]) -> list[str]:
+    s = res["spec"]
+    return [f"### {res['family']}: {s['width']}x{s['height']}, {s['steps']} steps, {s['images']} images", "",
+            "| path | s per image | images per minute | p50 / p95 s |", "|---|---|---|---|",
+            f"| Pipeline.generate, in the server's process | {res['direct_s_per_image']} | "
+            f"{res['direct_images_per_minute']} | |",
+            f"| HTTP, one client | {res['http_s_per_request']} (x{res['http_overhead']}) | "
+            f"{round(60 / res['http_s_per_request'], 2)} | |",
+            f"| HTTP, 4 clients | | {res['requests_per_minute_4_clients']} | {res['latency_p50_s']} / "
+            f"{res['latency_p95_s']} |", "",
+            "sd-server: not in the pinned engine (examples/ has only the CLI); no row.", ""]
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", type=Path, required=True)
+    a = ap.parse_args()
+    emit(child(json.loads(a.child.read_text())))

@@ -1,0 +1,368 @@
+"""The ASGI app: OpenAI's images API, jobs with server-sent events, health, models, metrics.
+
+Replies and errors take OpenAI's shapes (``{"error": {"message", "type", "param",
+"code"}}``), so the official ``openai`` client works unchanged. Every route but
+``/health`` needs ``Authorization: Bearer KEY`` when the server has a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import json
+import logging
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import UploadFile as StarletteUpload
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import InvalidArgumentError
+from ..families import FLUX2_DEV, FLUX2_KLEIN
+from ..settings import GenerationSettings
+from .config import Limits, ServerConfig
+from .jobs import FINAL, Expired, Job, JobManager, QueueFull, images_response
+from .registry import Registry, Served
+
+logger = logging.getLogger("sdcpp_py.server")
+_REF_FAMILIES = (FLUX2_KLEIN, FLUX2_DEV)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+class ImageRequest(BaseModel):
+    """OpenAI's image generation body, plus our settings (seed, steps, cfg_scale, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    # OpenAI's fields that do not apply to these models: accepted, not used
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = None
+    partial_images: int | None = None
+    stream: bool | None = None
+    # ours
+    negative_prompt: str = ""
+    seed: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    guidance: float | None = None
+    flow_shift: float | None = None
+    sampler: str | None = None
+    scheduler: str | None = None
+    strength: float | None = None
+    preview: bool = False          # jobs: preview images in the event stream
+
+
+class BodyLimit:
+    """413 for request bodies over ``limit`` bytes (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class BearerAuth:
+    """401 unless ``Authorization: Bearer KEY`` (constant-time compare); ``/health`` is open.
+    Pure ASGI (not BaseHTTPMiddleware, which hides a client's disconnect from the endpoint)."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") != "/health":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                  "authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
+    limits = config.limits
+    manager = JobManager(registry.models, limits.max_queue, limits.result_ttl_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(manager.close)     # running jobs cancelled, workers joined
+
+    app = FastAPI(title="sdcpp-py", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.manager = manager
+    app.state.registry = registry
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.message, e.kind, e.param, e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return _error(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg")), param=where)
+
+    if config.api_key:
+        app.add_middleware(BearerAuth, key=config.api_key)
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "models": list(registry.models)}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m.name, "object": "model", "created": m.created, "owned_by": "sdcpp-py", "family": m.pipe.family,
+             "shares_encoder_with": m.shares_encoder_with} for m in registry.models.values()]}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(manager.metrics(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageRequest, request: Request) -> Response:
+        job = _submit(body, None, [])
+        return await _wait(job, request)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Response:
+        body, images = await _edit_form(request)
+        job = _submit(body, None, images)
+        return await _wait(job, request)
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(body: ImageRequest) -> dict[str, Any]:
+        job = _submit(body, None, [])
+        return job.describe(manager.position(job))
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        job = _job(job_id)
+        return job.describe(manager.position(job))
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def delete_job(job_id: str) -> dict[str, Any]:
+        try:
+            job = manager.cancel(job_id)
+        except KeyError:
+            raise ApiError(404, f"no job {job_id}") from None
+        except Expired:
+            raise ApiError(410, f"job {job_id} expired") from None
+        return job.describe(manager.position(job))
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        job = _job(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            cursor = 0
+            while True:
+                events = await asyncio.to_thread(job.wait_events, cursor, 0.5)
+                for event in events:
+                    cursor += 1
+                    if event["type"] == "completed":
+                        event = {**event, "result": images_response(job)}
+                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                    if event["type"] in FINAL:
+                        return
+                if await request.is_disconnected():
+                    return
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _job(job_id: str) -> Job:
+        try:
+            return manager.get(job_id)
+        except KeyError:
+            raise ApiError(404, f"no job {job_id}") from None
+        except Expired:
+            raise ApiError(410, f"job {job_id} expired (results are kept {limits.result_ttl_s:g} s)") from None
+
+    def _submit(body: ImageRequest, init: Image.Image | None, images: list[Image.Image]) -> Job:
+        served = registry.get(body.model)
+        if served is None:
+            raise ApiError(404, f"no model {body.model!r} (GET /v1/models)", param="model")
+        if body.response_format == "url":
+            raise ApiError(400, "response_format 'url' is not supported: use b64_json", param="response_format")
+        settings, init_image, refs = _settings(served, body, images, limits)
+        try:
+            return manager.submit(served.name, settings, output_format=body.output_format, init_image=init_image,
+                                  ref_images=refs, preview=body.preview)
+        except QueueFull as e:
+            raise ApiError(429, "the queue is full, retry later", "rate_limit_error",
+                           headers={"Retry-After": str(e.retry_after)}) from None
+
+    async def _wait(job: Job, request: Request) -> Response:
+        """A synchronous request: the job's images, or its error; a client that goes away cancels it."""
+        while job.state not in FINAL:
+            await asyncio.to_thread(job.wait_events, len(job.events), 0.25)
+            if job.state not in FINAL and await request.is_disconnected():
+                logger.info("client went away: cancelling job %s", job.id)
+                manager.cancel(job.id)
+                return Response(status_code=499)
+        if job.state == "completed":
+            return JSONResponse(images_response(job))
+        if job.state == "cancelled":
+            return _error(409, "the request was cancelled", "request_cancelled")
+        status, message = job.error or (500, "failed")
+        return _error(status, message, "invalid_request_error" if status < 500 else "server_error")
+
+    async def _edit_form(request: Request) -> tuple[ImageRequest, list[Image.Image]]:
+        try:
+            form = await request.form(max_files=limits.max_uploads + 1, max_fields=64)
+        except HTTPException:
+            raise
+        except Exception as e:
+            raise ApiError(400, f"unreadable multipart form: {e}") from None
+        uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and isinstance(v, StarletteUpload)]
+        if "mask" in form:
+            raise ApiError(400, "mask is not supported", param="mask")
+        if not uploads:
+            raise ApiError(400, "give at least one image (image or image[])", param="image")
+        if len(uploads) > limits.max_uploads:
+            raise ApiError(400, f"at most {limits.max_uploads} images", param="image")
+        fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        for key in ("n", "seed", "steps", "output_compression", "partial_images"):
+            if key in fields:
+                fields[key] = _number(fields[key], int, key)
+        for key in ("cfg_scale", "guidance", "flow_shift", "strength"):
+            if key in fields:
+                fields[key] = _number(fields[key], float, key)
+        for key in ("preview", "stream"):
+            if key in fields:
+                fields[key] = fields[key].lower() in ("1", "true", "yes")
+        try:
+            body = ImageRequest(**fields)
+        except Exception as e:
+            raise ApiError(422, str(e).splitlines()[0] if str(e) else "invalid form") from None
+        return body, [await _read_image(u, limits) for u in uploads]
+
+    return app
+
+
+def _number(text: str, kind: type, key: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ApiError(422, f"{key}: not a number: {text!r}", param=key) from None
+
+
+async def _read_image(upload: StarletteUpload, limits: Limits) -> Image.Image:
+    data = await upload.read()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            if im.width * im.height > limits.max_upload_pixels:
+                raise ApiError(413, f"image {upload.filename}: {im.width}x{im.height} is over "
+                                    f"{limits.max_upload_pixels} pixels", param="image")
+            im.load()
+            return im.convert("RGB")
+    except ApiError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(400, f"image {upload.filename}: not a readable image ({e})", param="image") from None
+
+
+def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[int | None, int | None]:
+    if text is None or text == "auto":
+        if not images:
+            return None, None
+        w, h = images[0].size
+        scale = min(1.0, (limits.max_pixels / (w * h)) ** 0.5)
+        return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+    w_text, sep, h_text = text.lower().partition("x")
+    if not sep or not w_text.isdigit() or not h_text.isdigit():
+        raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (or 'auto'), got {text!r}", param="size")
+    return int(w_text), int(h_text)
+
+
+def _settings(served: Served, body: ImageRequest, images: list[Image.Image],
+              limits: Limits) -> tuple[GenerationSettings, Image.Image | None, list[Image.Image]]:
+    if len(body.prompt) > limits.max_prompt_chars:
+        raise ApiError(413, f"prompt over {limits.max_prompt_chars} characters", param="prompt")
+    if body.n > limits.max_n:
+        raise ApiError(400, f"n is at most {limits.max_n}", param="n")
+    if body.steps is not None and body.steps > limits.max_steps:
+        raise ApiError(400, f"steps is at most {limits.max_steps}", param="steps")
+    width, height = _size(body.size, images, limits)
+    init: Image.Image | None = None
+    refs: list[Image.Image] = []
+    if images:
+        if served.pipe.family in _REF_FAMILIES and body.strength is None:
+            refs = images                   # FLUX.2: the images are references to edit from
+        else:
+            init = images[0]                # img2img
+    try:
+        s = served.pipe.settings_for(body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
+                                     steps=body.steps, cfg_scale=body.cfg_scale, sampler=body.sampler,
+                                     scheduler=body.scheduler, seed=body.seed, batch_count=body.n,
+                                     flow_shift=body.flow_shift, guidance=body.guidance,
+                                     strength=body.strength if init is not None else None)
+    except (InvalidArgumentError, TypeError) as e:
+        raise ApiError(400, str(e)) from None
+    if s.width * s.height > limits.max_pixels:
+        raise ApiError(400, f"{s.width}x{s.height} is over this server's {limits.max_pixels} pixels", param="size")
+    if init is not None and init.size != (s.width, s.height):
+        init = init.resize((s.width, s.height), Image.Resampling.LANCZOS)
+    return s, init, refs
+
