@@ -47,6 +47,19 @@ def pipe(pipelines, family) -> Pipeline:
     return pipelines[family]
 
 
+@pytest.fixture(scope="session")
+def sd_cli() -> Path:
+    """Upstream's sd-cli from the same build; SDCPP_PY_REQUIRE_CLI=1 (CI) makes its absence a failure."""
+    from sdcpp_py.system import sd_cli_path
+
+    path = sd_cli_path()
+    if path is None:
+        if os.environ.get("SDCPP_PY_REQUIRE_CLI") == "1":
+            pytest.fail("sd-cli is required (SDCPP_PY_REQUIRE_CLI=1) but was not built")
+        pytest.skip("sd-cli not built (install with SDCPP_PY_BUILD_CLI=ON)")
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("SDCPP_PY_RUN_SLOW") != "1":
         skip = pytest.mark.skip(reason="full-size model test: set SDCPP_PY_RUN_SLOW=1")

@@ -19,7 +19,6 @@ from PIL import Image
 from sdcpp_py import Pipeline, read_parameters
 from sdcpp_py.modelfile import inspect
 from sdcpp_py.synthetic import write_model_set
-from sdcpp_py.system import sd_cli_path
 
 CLI = [sys.executable, "-m", "sdcpp_py"]
 
@@ -36,16 +35,6 @@ def summary(run: subprocess.CompletedProcess) -> dict:
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-@pytest.fixture(scope="module")
-def sd_cli():
-    path = sd_cli_path()
-    if path is None:
-        if os.environ.get("SDCPP_PY_REQUIRE_CLI") == "1":
-            pytest.fail("sd-cli is required (SDCPP_PY_REQUIRE_CLI=1) but was not built")
-        pytest.skip("sd-cli not built")
-    return path
 
 
 @pytest.fixture(scope="module")

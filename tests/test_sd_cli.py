@@ -12,18 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcpp_py.system import sd_cli_path
-
-
-@pytest.fixture(scope="module")
-def sd_cli():
-    path = sd_cli_path()
-    if path is None:
-        if os.environ.get("SDCPP_PY_REQUIRE_CLI") == "1":
-            pytest.fail("sd-cli is required (SDCPP_PY_REQUIRE_CLI=1) but was not built")
-        pytest.skip("sd-cli not built (install with -C cmake.define.SDCPP_PY_BUILD_CLI=ON)")
-    return path
-
 
 @pytest.mark.parametrize("sampler, steps, size", [("euler", 2, (64, 48)), ("dpm++2m", 3, (48, 64))])
 def test_same_image_as_sd_cli(sd_cli, pipe, tiny, tmp_path, sampler, steps, size):
