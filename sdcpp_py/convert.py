@@ -70,6 +70,9 @@ def convert(model: PathLike, output: PathLike, *, wtype: str | None = None, vae:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would stay on the renamed file
 
     def run() -> tuple[bool, str]:
         with capture() as log, progress_scope(progress) as state:

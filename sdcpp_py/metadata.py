@@ -108,15 +108,24 @@ class ImageParameters:
     @classmethod
     def from_text(cls, text: str) -> ImageParameters:
         """Parse a ``parameters`` text (ours or sd-cli's)."""
-        head, sep, tail = text.rpartition(", SDCPP: ")
-        if not sep:
-            raise InvalidArgumentError("the parameters hold no SDCPP JSON (not written by sd-cli or sdcpp-py)")
-        try:
-            root = json.loads(tail)
-        except json.JSONDecodeError as e:
-            raise InvalidArgumentError(f"the parameters' SDCPP JSON is unreadable: {e}") from None
+        marker, root, start = ", SDCPP: ", None, 0
+        while (i := text.find(marker, start)) >= 0:      # the prompt itself may hold the marker
+            try:
+                root = json.loads(text[i + len(marker):])
+                break
+            except json.JSONDecodeError:
+                start = i + 1
+        if root is None:
+            raise InvalidArgumentError("the parameters hold no readable SDCPP JSON (not written by sd-cli or sdcpp-py)")
         if not isinstance(root, dict) or root.get("schema") != SCHEMA:
             raise InvalidArgumentError(f"the parameters' JSON is not {SCHEMA}")
+        try:
+            return cls._from_root(root)
+        except (TypeError, KeyError, ValueError) as e:
+            raise InvalidArgumentError(f"the parameters' SDCPP JSON does not describe an image: {e}") from None
+
+    @classmethod
+    def _from_root(cls, root: dict[str, Any]) -> ImageParameters:
         ours = root.get("sdcpp_py")
         if isinstance(ours, dict) and isinstance(ours.get("settings"), dict):
             settings = dict(ours["settings"])
@@ -158,6 +167,10 @@ def read_parameters(path: str | Path) -> ImageParameters:
         raise InvalidArgumentError(f"{p}: not an image ({e})") from None
     if not isinstance(text, str):
         raise InvalidArgumentError(f"{p} carries no '{KEY}' text")
+    try:                   # sd-cli writes UTF-8 into a tEXt chunk, which PIL decodes as Latin-1
+        text = text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        pass               # an iTXt chunk (ours): already decoded
     return ImageParameters.from_text(text)
 
 

@@ -99,6 +99,24 @@ def test_openai_edit_references_and_img2img(oai, pipelines):
     assert np.array_equal(decode(r.data[0].b64_json), want)
 
 
+def test_edit_with_a_photo_sized_reference(oai, pipelines):
+    """A reference of any size is resized as sd-cli's auto-resize does (bounded tokens)."""
+    from sdcpp_py.checks import fit_reference
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8))
+    r = oai.images.edit(model="flux2-klein", image=("p.png", png_bytes(photo), "image/png"), prompt="x",
+                        size="64x64", extra_body={"seed": 2, "steps": 1})
+    want = pipelines["flux2-klein"].generate("x", width=64, height=64, steps=1, seed=2,
+                                             ref_images=[fit_reference(photo, 64, 64)]).arrays[0]
+    assert fit_reference(photo, 64, 64).size == (64, 48)
+    assert np.array_equal(decode(r.data[0].b64_json), want)
+
+
+def test_negative_prompt_is_capped(client):
+    r = client.post("/v1/images/generations", json={"prompt": "x", "negative_prompt": "n" * 20001, "size": "64x64"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "negative_prompt"
+
+
 def test_health_models_metrics(client, server):
     assert httpx.get(f"{server}/health").status_code == 200          # no key needed
     models = client.get("/v1/models").json()

@@ -160,7 +160,7 @@ class OutputNames:
                 raise CliError(f"-o {pattern!r}: bad template ({e}); fields: {', '.join(fields)}") from None
         elif _PRINTF.search(pattern):
             path = _printf(pattern, self.begin + index)
-        elif self.total > 1 and job.output is None:
+        elif (self.total > 1 and job.output is None) or (job.output is not None and len(job.seeds) > 1):
             p = Path(pattern)
             stem = p.with_suffix("") if p.suffix.lower() in IMAGE_SUFFIXES else p
             path = f"{stem}_{self.begin + index}{p.suffix if p.suffix.lower() in IMAGE_SUFFIXES else '.png'}"

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .. import Preview
+from ..checks import fit_reference
 from ..metadata import ImageParameters, image_parameters, read_parameters, save_png
 from ..pipeline import Pipeline
 from ..settings import ContextSettings
@@ -133,11 +134,21 @@ def run(args: argparse.Namespace) -> int:
         bars = StepBars(total, enabled=not args.no_progress)
         index = 0
         for job in jobs:
-            s = pipe.settings_for(job.prompt, negative_prompt=job.negative_prompt, seed=job.seeds[0], **job.overrides)
             init = _open_image(job.init_img, "--init-img") if job.init_img else None
             refs = [_open_image(r, "--ref-image") for r in job.ref_images]
-            # With an init image each seed encodes it with its own seed, as generate(seed=...) does.
-            groups = [[seed] for seed in job.seeds] if init is not None else [job.seeds]
+            overrides = dict(job.overrides)
+            source = init or (refs[0] if refs else None)
+            if source is not None and "width" not in overrides and "height" not in overrides:
+                # sd-cli: the size of the init image (else the first reference), in multiples of 16
+                overrides["width"], overrides["height"] = (max(16, v // 16 * 16) for v in source.size)
+            s = pipe.settings_for(job.prompt, negative_prompt=job.negative_prompt, seed=job.seeds[0], **overrides)
+            if init is not None and init.size != (s.width, s.height):
+                init = init.resize((s.width, s.height), Image.Resampling.LANCZOS)
+            refs = [fit_reference(r, s.width, s.height) for r in refs]     # sd-cli's auto-resize
+            # -s/-b encode an init image once with the first seed (sd-cli's batch); --seeds and
+            # --seed-range make each image as generate(seed=...) makes it, so one seed at a time
+            per_seed = init is not None and (args.seeds is not None or args.seed_range is not None)
+            groups = [[seed] for seed in job.seeds] if per_seed else [job.seeds]
             for seeds in groups:
                 items = iter_images(pipe, s, seeds=seeds, init_image=init, ref_images=refs, progress=bars,
                                     preview=preview)

@@ -26,6 +26,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..checks import fit_reference
 from ..errors import InvalidArgumentError
 from ..families import FLUX2_DEV, FLUX2_KLEIN
 from ..settings import GenerationSettings
@@ -147,7 +148,8 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+        return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                      headers=dict(e.headers) if e.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -185,7 +187,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
         body, images = await _edit_form(request)
-        job = _submit(body, None, images)
+        job = await asyncio.to_thread(_submit, body, None, images)      # resizing: off the event loop
         return await _wait(job, request)
 
     @app.post("/v1/jobs", status_code=202)
@@ -291,10 +293,13 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
             if key in fields:
                 fields[key] = fields[key].lower() in ("1", "true", "yes")
         try:
-            body = ImageRequest(**fields)
-        except Exception as e:
-            raise ApiError(422, str(e).splitlines()[0] if str(e) else "invalid form") from None
-        return body, [await _read_image(u, limits) for u in uploads]
+            try:
+                body = ImageRequest(**fields)
+            except Exception as e:
+                raise ApiError(422, str(e).splitlines()[0] if str(e) else "invalid form") from None
+            return body, [await _read_image(u, limits) for u in uploads]
+        finally:
+            await form.close()
 
     return app
 
@@ -308,19 +313,23 @@ def _number(text: str, kind: type, key: str) -> Any:
 
 async def _read_image(upload: StarletteUpload, limits: Limits) -> Image.Image:
     data = await upload.read()
+    return await asyncio.to_thread(_decode_upload, data, upload.filename, limits)
+
+
+def _decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             if im.width * im.height > limits.max_upload_pixels:
-                raise ApiError(413, f"image {upload.filename}: {im.width}x{im.height} is over "
+                raise ApiError(413, f"image {filename}: {im.width}x{im.height} is over "
                                     f"{limits.max_upload_pixels} pixels", param="image")
             im.load()
             return im.convert("RGB")
     except ApiError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ApiError(400, f"image {upload.filename}: not a readable image ({e})", param="image") from None
+        raise ApiError(400, f"image {filename}: not a readable image ({e})", param="image") from None
 
 
 def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[int | None, int | None]:
@@ -338,8 +347,9 @@ def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[
 
 def _settings(served: Served, body: ImageRequest, images: list[Image.Image],
               limits: Limits) -> tuple[GenerationSettings, Image.Image | None, list[Image.Image]]:
-    if len(body.prompt) > limits.max_prompt_chars:
-        raise ApiError(413, f"prompt over {limits.max_prompt_chars} characters", param="prompt")
+    for name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise ApiError(413, f"{name} over {limits.max_prompt_chars} characters", param=name)
     if body.n > limits.max_n:
         raise ApiError(400, f"n is at most {limits.max_n}", param="n")
     if body.steps is not None and body.steps > limits.max_steps:
@@ -364,5 +374,6 @@ def _settings(served: Served, body: ImageRequest, images: list[Image.Image],
         raise ApiError(400, f"{s.width}x{s.height} is over this server's {limits.max_pixels} pixels", param="size")
     if init is not None and init.size != (s.width, s.height):
         init = init.resize((s.width, s.height), Image.Resampling.LANCZOS)
+    refs = [fit_reference(r, s.width, s.height) for r in refs]    # sd-cli's auto-resize: bounded tokens
     return s, init, refs
 
