@@ -29,11 +29,12 @@ import control  # noqa: E402
 import guide  # noqa: E402
 import knobs  # noqa: E402
 import serving  # noqa: E402
+import sweeping  # noqa: E402
 from harness import CACHE, RESULTS, machine_info, run_spec, write_json  # noqa: E402
 from roofline import roofline  # noqa: E402
 
 FAMILIES = ("z-image-turbo", "flux2-klein")
-SUITES = ("compare", "knobs", "roofline", "guide", "control", "server")
+SUITES = ("compare", "knobs", "roofline", "guide", "control", "server", "sweep")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -138,6 +139,13 @@ def main(argv: list[str]) -> int:
             res = serving.run(fam, models(fam), args, work / "server")
             results.setdefault("server", []).append(res)
             md += serving.markdown(res)
+            write_json(out / "results.json", results)
+    if "sweep" in suites:
+        md.append("## Sweeps: in one process and on Ray")
+        for fam in args.knob_families.split(","):
+            res = sweeping.run(fam, models(fam), args, work / "sweep")
+            results.setdefault("sweep", []).append(res)
+            md += sweeping.markdown(res)
             write_json(out / "results.json", results)
     import plots
 

@@ -12,6 +12,7 @@ context settings, the files' hash prefixes, the weight policy's plan).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -174,14 +175,25 @@ def read_parameters(path: str | Path) -> ImageParameters:
     return ImageParameters.from_text(text)
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: ImageParameters | None) -> Path:
-    """Write ``image`` as PNG with a ``parameters`` text chunk (none when ``parameters`` is None)."""
+def _pnginfo(parameters: ImageParameters | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_itxt(KEY, parameters.to_text())
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, parameters: ImageParameters | None) -> Path:
+    """Write ``image`` as PNG with a ``parameters`` text chunk (none when ``parameters`` is None)."""
     p = Path(path)
-    image.save(p, format="PNG", pnginfo=info)
+    image.save(p, format="PNG", pnginfo=_pnginfo(parameters))
     return p
+
+
+def png_bytes(image: Image.Image, parameters: ImageParameters | None) -> bytes:
+    """The PNG file :func:`save_png` writes, as bytes."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=_pnginfo(parameters))
+    return buf.getvalue()
 
 
 # -- file hashes -------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ for many prompts and seeds (:mod:`.run`). Subcommands: ``demo`` (a synthetic mod
 the package writes, no download), ``info`` (versions and CPU, or an image's
 settings), ``download`` (a preset's real weights from the hub), ``convert`` (a model
 file at another weight type, as ``-M convert``) and ``generate`` (the same as no
-subcommand); ``serve`` (an HTTP server, :mod:`sdcpp_py.server`).
+subcommand); ``serve`` (an HTTP server, :mod:`sdcpp_py.server`); ``sweep`` (a grid
+file's images, in this process or on Ray, :mod:`.sweep`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..errors import SdcppError
 from .sdcli import CliError, parse, print_error
 
 DEMO_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
-SUBCOMMANDS = ("demo", "info", "download", "convert", "generate", "serve")
+SUBCOMMANDS = ("demo", "info", "download", "convert", "generate", "serve", "sweep")
 
 
 def default_cache_dir() -> Path:
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             from .serve import serve_command
 
             return serve_command(rest)
+        if command == "sweep":
+            from .sweep import sweep_command
+
+            return sweep_command(rest)
         return _sd_cli(rest)
     except CliError as e:
         return print_error(str(e))

@@ -1,0 +1,308 @@
+"""Sweep grids: a file of model sets and sweeps, expanded into rows with stable ids.
+
+A row is one image: a model set's name, a prompt, a seed and any other
+``Pipeline.generate`` argument. Its id is a hash of exactly those (and of the model
+set's files and settings), so the same grid gives the same ids on any machine, a
+re-run finds what is already made, and a row named by two sweeps is made once.
+
+A grid file (YAML or JSON; paths relative to the file)::
+
+    models:
+      q4k: {diffusion_model: z_image_turbo-Q4_K.gguf, llm: Qwen3-4B-Q4_K_M.gguf, vae: ae.safetensors}
+      q8:  {diffusion_model: z_image_turbo-Q8_0.gguf, llm: Qwen3-4B-Q4_K_M.gguf, vae: ae.safetensors,
+            settings: {upcast: none}}
+    defaults: {model: q4k, prompt: a lighthouse at dawn, seed: 42, size: 512x512, steps: 4}
+    sweeps:
+      steps: {steps: [3, 5, 7, 9]}
+      seeds: {seed: "0:15"}
+      aspect: {size: [1024x576, 576x1024, 768x768]}
+      quantization: {model: [q4k, q8]}
+    rows:                      # rows given one by one (optional)
+      - {prompt: a red door, seed: 7}
+
+In a sweep (and in ``defaults``) a list sweeps that key; a sweep's keys multiply
+(seeds x steps ...). ``sigmas`` and ``ref_images`` take lists as values, so a
+list of lists sweeps them. ``seed: "A:B"`` is the seeds A to B inclusive;
+``size: WxH`` sets width and height. Model sets that share an ``llm`` file share
+one text encoder when they run one after the other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidArgumentError
+from .settings import ContextSettings
+
+MODEL_FILES = ("model", "diffusion_model", "llm", "vae", "taesd")
+# Pipeline.generate's arguments a row may set (seed is required; images are file paths)
+ROW_KEYS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg_scale", "sampler",
+            "scheduler", "flow_shift", "guidance", "sigmas", "strength", "vae_tiling", "init_image", "ref_images")
+LIST_VALUED = ("sigmas", "ref_images")
+MAX_SEED = 2**63 - 1
+MAX_ROWS = 1_000_000
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The files of one resident Pipeline and its ContextSettings keywords."""
+
+    name: str
+    files: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None      # generation defaults (None: the family's)
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        return {**self.files, **self.settings, **({"preset": self.preset} if self.preset else {})}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a row id depends on: the name, the file names, the settings (not n_threads)."""
+        return {"name": self.name, "files": {k: Path(v).name for k, v in sorted(self.files.items())},
+                "settings": {k: v for k, v in sorted(self.settings.items()) if k != "n_threads"},
+                "preset": self.preset}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image: a model set, a prompt, a seed and other generate() arguments."""
+
+    row_id: str
+    model: str
+    params: dict[str, Any]      # generate() keywords, prompt and seed included
+    sweeps: tuple[str, ...] = ()
+
+    @property
+    def prompt_key(self) -> tuple[str, str]:
+        return self.params["prompt"], self.params.get("negative_prompt", "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row_id": self.row_id, "model": self.model, "params": self.params, "sweeps": list(self.sweeps)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Row:
+        return cls(d["row_id"], d["model"], dict(d["params"]), tuple(d.get("sweeps", ())))
+
+
+@dataclass
+class Grid:
+    models: dict[str, ModelSet]
+    rows: list[Row]
+
+    def rows_for(self, model: str) -> list[Row]:
+        return [r for r in self.rows if r.model == model]
+
+
+# -- model sets ----------------------------------------------------------------------------------
+def model_set(name: str, spec: Mapping[str, Any], base: Path | None = None) -> ModelSet:
+    if not isinstance(spec, Mapping):
+        raise InvalidArgumentError(f"model set {name!r} must be a mapping of files (and settings)")
+    unknown = set(spec) - set(MODEL_FILES) - {"settings", "preset"}
+    if unknown:
+        raise InvalidArgumentError(f"model set {name!r}: unknown keys {sorted(unknown)} "
+                                   f"(files: {', '.join(MODEL_FILES)}; settings: ContextSettings keywords)")
+    files = {}
+    for k in MODEL_FILES:
+        if spec.get(k) is not None:
+            p = Path(str(spec[k])).expanduser()
+            files[k] = str(p if p.is_absolute() or base is None else base / p)
+    if "model" not in files and "diffusion_model" not in files:
+        raise InvalidArgumentError(f"model set {name!r} needs model or diffusion_model")
+    settings = dict(spec.get("settings") or {})
+    try:
+        ContextSettings(**settings)
+    except TypeError as e:
+        raise InvalidArgumentError(f"model set {name!r}: {e}") from None
+    preset = spec.get("preset")
+    if preset is not None:
+        from .presets import get_preset
+
+        get_preset(str(preset))       # a clear error now, not on every actor
+    return ModelSet(name, files, settings, None if preset is None else str(preset))
+
+
+# -- rows ----------------------------------------------------------------------------------------
+def row_id(models: Mapping[str, ModelSet], model: str, params: Mapping[str, Any]) -> str:
+    text = json.dumps({"model": models[model].identity, "params": params}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _seed(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
+        raise InvalidArgumentError(f"a grid's seeds must be integers in [0, 2**63), not {v!r} "
+                                   "(a sweep is reproducible: no random seeds)")
+    return v
+
+
+def _seeds(v: Any) -> list[int]:
+    if isinstance(v, str) and ":" in v:
+        a, _, b = v.partition(":")
+        try:
+            lo, hi = int(a), int(b)
+        except ValueError:
+            raise InvalidArgumentError(f"seed range {v!r}: expected A:B with integers") from None
+        if hi < lo or hi - lo >= MAX_ROWS:
+            raise InvalidArgumentError(f"seed range {v!r}: empty or too long")
+        _seed(lo), _seed(hi)
+        return list(range(lo, hi + 1))
+    return [_seed(s) for s in (v if isinstance(v, list) else [v])]
+
+
+def _size(v: Any) -> tuple[int, int]:
+    if isinstance(v, str) and "x" in v.lower():
+        w, _, h = v.lower().partition("x")
+        try:
+            return int(w), int(h)
+        except ValueError:
+            pass
+    elif isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return int(v[0]), int(v[1])
+    raise InvalidArgumentError(f"size {v!r}: expected WIDTHxHEIGHT, e.g. 1024x576")
+
+
+def _choices(key: str, v: Any) -> list[Any]:
+    """The values a sweep gives ``key``: a list sweeps it (a list of lists for list-valued keys)."""
+    if key == "seed":
+        return _seeds(v)
+    if key == "size":
+        if isinstance(v, list) and v and not all(isinstance(x, int) for x in v):
+            return [_size(x) for x in v]
+        return [_size(v)]
+    if key in LIST_VALUED:
+        return list(v) if isinstance(v, list) and v and all(isinstance(x, list) for x in v) else [v]
+    return list(v) if isinstance(v, list) else [v]
+
+
+def _expand(spec: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
+    keys = list(spec)
+    for k in keys:
+        if k not in ROW_KEYS and k not in ("model", "size"):
+            raise InvalidArgumentError(f"unknown grid key {k!r}; rows take: model, size, {', '.join(ROW_KEYS)}")
+    choices = [_choices(k, spec[k]) for k in keys]
+    for values in itertools.product(*choices):
+        out: dict[str, Any] = {}
+        for k, v in zip(keys, values, strict=True):
+            if k == "size":
+                out["width"], out["height"] = v
+            else:
+                out[k] = v
+        yield out
+
+
+def _image_path(v: Any, base: Path | None) -> str:
+    if not isinstance(v, (str, Path)):
+        raise InvalidArgumentError(f"a row's images are file paths, not {type(v).__name__}")
+    p = Path(v).expanduser()
+    return str(p if p.is_absolute() or base is None else base / p)
+
+
+def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mapping[str, Any]]],
+              base: Path | None = None) -> list[Row]:
+    """Rows from (sweep name, flat row dict) pairs; rows with equal settings are merged.
+    Image paths (init_image, ref_images) are taken relative to ``base``."""
+    rows: dict[str, Row] = {}
+    for sweep, entry in entries:
+        params = {k: v for k, v in entry.items() if v is not None}
+        if "size" in params:
+            params["width"], params["height"] = _size(params.pop("size"))
+        if "init_image" in params:
+            params["init_image"] = _image_path(params["init_image"], base)
+        if "ref_images" in params:
+            refs = params["ref_images"]
+            params["ref_images"] = [_image_path(r, base) for r in (refs if isinstance(refs, list) else [refs])]
+        model = params.pop("model", None)
+        if model is None:
+            if len(models) != 1:
+                raise InvalidArgumentError(f"a row needs a model (one of {sorted(models)})")
+            model = next(iter(models))
+        if model not in models:
+            raise InvalidArgumentError(f"unknown model set {model!r}; the grid has {sorted(models)}")
+        unknown = set(params) - set(ROW_KEYS)
+        if unknown:
+            raise InvalidArgumentError(f"unknown row keys {sorted(unknown)}; rows take: model, {', '.join(ROW_KEYS)}")
+        if not isinstance(params.get("prompt"), str):
+            raise InvalidArgumentError("every row needs a prompt (a string)")
+        params["seed"] = _seed(params.get("seed"))
+        rid = row_id(models, model, params)
+        if rid in rows:
+            old = rows[rid]
+            if sweep and sweep not in old.sweeps:
+                rows[rid] = Row(rid, model, old.params, old.sweeps + (sweep,))
+        else:
+            rows[rid] = Row(rid, model, params, (sweep,) if sweep else ())
+        if len(rows) > MAX_ROWS:
+            raise InvalidArgumentError(f"the grid has more than {MAX_ROWS} rows")
+    return list(rows.values())
+
+
+def rows_from_table(models: Mapping[str, ModelSet], table: Iterable[Mapping[str, Any]] | Any) -> list[Row]:
+    """Rows from a table: dicts, or a pandas DataFrame (one row each)."""
+    if hasattr(table, "to_dict") and hasattr(table, "columns"):
+        table = table.to_dict("records")
+    return make_rows(models, (("", dict(r)) for r in table))
+
+
+def build(spec: Mapping[str, Any], base: Path | None = None) -> Grid:
+    """A Grid from a parsed grid file (see the module's doc)."""
+    if not isinstance(spec, Mapping):
+        raise InvalidArgumentError("a grid is a mapping with models, and sweeps and/or rows")
+    unknown = set(spec) - {"models", "defaults", "sweeps", "rows"}
+    if unknown:
+        raise InvalidArgumentError(f"unknown grid sections {sorted(unknown)} (models, defaults, sweeps, rows)")
+    raw_models = spec.get("models") or {}
+    if not isinstance(raw_models, Mapping) or not raw_models:
+        raise InvalidArgumentError("a grid needs models: a mapping of names to model files")
+    models = {str(n): model_set(str(n), m, base) for n, m in raw_models.items()}
+    defaults = dict(spec.get("defaults") or {})
+    sweeps = spec.get("sweeps") or {}
+    if not isinstance(sweeps, Mapping):
+        raise InvalidArgumentError("sweeps must map sweep names to settings")
+    rows = spec.get("rows") or []
+    if not isinstance(rows, Sequence) or isinstance(rows, str):
+        raise InvalidArgumentError("rows must be a list of mappings")
+    if not sweeps and not rows:
+        raise InvalidArgumentError("a grid needs sweeps or rows")
+
+    def entries() -> Iterable[tuple[str, dict[str, Any]]]:
+        for name, sweep in sweeps.items():
+            if not isinstance(sweep, Mapping):
+                raise InvalidArgumentError(f"sweep {name!r} must be a mapping")
+            for entry in _expand({**defaults, **sweep}):
+                yield str(name), entry
+        for row in rows:
+            if not isinstance(row, Mapping):
+                raise InvalidArgumentError("rows must be a list of mappings")
+            for entry in _expand({**defaults, **row}):
+                yield "", entry
+    return Grid(models, make_rows(models, entries(), base))
+
+
+def load(path: str | Path) -> Grid:
+    """Read a grid file: YAML (``.yaml``/``.yml``, needs PyYAML) or JSON."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read the grid file {p}: {e}") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise InvalidArgumentError("YAML grid files need PyYAML: pip install 'sdcpp-py[ray]' "
+                                       "(or write the grid as JSON)") from None
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InvalidArgumentError(f"{p}: not valid YAML: {e}") from None
+    else:
+        try:
+            spec = json.loads(text)
+        except ValueError as e:
+            raise InvalidArgumentError(f"{p}: not valid JSON: {e}") from None
+    return build(spec, p.resolve().parent)
