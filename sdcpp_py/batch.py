@@ -54,7 +54,7 @@ def group_by_prompt(rows: Iterable[Row], parts: int = 1, max_rows: int | None = 
     for r in rows:
         groups.setdefault(r.prompt_key, []).append(r)
     units = [g[i:i + (max_rows or len(g))] for g in groups.values() for i in range(0, len(g), max_rows or len(g))]
-    while len(units) < parts:
+    while units and len(units) < parts:
         units.sort(key=len)
         if len(units[-1]) < 2:
             break
@@ -98,8 +98,11 @@ class RowWorker:
         return self.pipe
 
     def run(self, rows: Sequence[Row]) -> Iterator[RowOutput]:
-        """Make ``rows`` (one model set), grouped by prompt, one image each."""
-        for unit in group_by_prompt(rows):
+        """Make ``rows`` (any model sets), grouped by prompt, one image each."""
+        by_model: dict[str, list[Row]] = {}
+        for r in rows:
+            by_model.setdefault(r.model, []).append(r)
+        for unit in (u for group in by_model.values() for u in group_by_prompt(group)):
             yield from self._unit(unit)
 
     def _unit(self, rows: Sequence[Row]) -> Iterator[RowOutput]:
@@ -166,7 +169,9 @@ class OutputDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def done(self) -> set[str]:
-        return {p.stem for p in self.path.glob("*.json") if not p.name.startswith(".")}
+        """The rows with both files (an image deleted by hand is made again)."""
+        pngs = {p.stem for p in self.path.glob("*.png")}
+        return {p.stem for p in self.path.glob("*.json") if not p.name.startswith(".") and p.stem in pngs}
 
     def _atomic(self, name: str, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
@@ -175,15 +180,20 @@ class OutputDir:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, self.path / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)            # the rename is on disk before the next file (the record) is
+        finally:
+            os.close(dir_fd)
 
     def write(self, out: RowOutput) -> bool:
         """Write one row's files; False (and nothing written) when the row is already done."""
-        if (self.path / f"{out.row_id}.json").exists():
+        if (self.path / f"{out.row_id}.json").exists() and (self.path / f"{out.row_id}.png").exists():
             self.duplicates += 1
             logger.info("row %s is done already: second copy dropped", out.row_id)
             return False
@@ -225,10 +235,20 @@ def _open_image(path: str) -> Image.Image:
         raise InvalidArgumentError(f"cannot read the image {path}: {e}") from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    """The process's umask, read once at import (setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 @dataclass

@@ -38,13 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError
-from .settings import ContextSettings
+from .settings import ContextSettings, GenerationSettings
 
 MODEL_FILES = ("model", "diffusion_model", "llm", "vae", "taesd")
 # Pipeline.generate's arguments a row may set (seed is required; images are file paths)
 ROW_KEYS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg_scale", "sampler",
             "scheduler", "flow_shift", "guidance", "sigmas", "strength", "vae_tiling", "init_image", "ref_images")
 LIST_VALUED = ("sigmas", "ref_images")
+IMAGE_KEYS = ("init_image", "ref_images")
+INT_KEYS = ("seed", "width", "height", "steps")
+FLOAT_KEYS = ("cfg_scale", "flow_shift", "guidance", "strength")
 MAX_SEED = 2**63 - 1
 MAX_ROWS = 1_000_000
 
@@ -110,10 +113,11 @@ def model_set(name: str, spec: Mapping[str, Any], base: Path | None = None) -> M
     files = {}
     for k in MODEL_FILES:
         if spec.get(k) is not None:
-            p = Path(str(spec[k])).expanduser()
-            files[k] = str(p if p.is_absolute() or base is None else base / p)
+            files[k] = _absolute(spec[k], base)
     if "model" not in files and "diffusion_model" not in files:
         raise InvalidArgumentError(f"model set {name!r} needs model or diffusion_model")
+    if not isinstance(spec.get("settings") or {}, Mapping):
+        raise InvalidArgumentError(f"model set {name!r}: settings must map ContextSettings keywords to values")
     settings = dict(spec.get("settings") or {})
     try:
         ContextSettings(**settings)
@@ -127,9 +131,35 @@ def model_set(name: str, spec: Mapping[str, Any], base: Path | None = None) -> M
     return ModelSet(name, files, settings, None if preset is None else str(preset))
 
 
+def _absolute(v: Any, base: Path | None) -> str:
+    """A path from a grid: relative to the grid file's folder (else this process's), made absolute
+    here, on the driver, so that every worker opens the same file."""
+    if not isinstance(v, (str, Path)):
+        raise InvalidArgumentError(f"a file path must be a string, not {type(v).__name__}")
+    p = Path(v).expanduser()
+    return str(p if p.is_absolute() else (base or Path.cwd()) / p)
+
+
 # -- rows ----------------------------------------------------------------------------------------
+def _image_identity(path: str) -> dict[str, str]:
+    """An input image in a row id: its name and content, not the folder it sits in."""
+    from .metadata import file_hash
+
+    p = Path(path)
+    try:
+        return {"name": p.name, "sha256": file_hash(p)}
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot read the image {path}: {e}") from None
+
+
 def row_id(models: Mapping[str, ModelSet], model: str, params: Mapping[str, Any]) -> str:
-    text = json.dumps({"model": models[model].identity, "params": params}, sort_keys=True, separators=(",", ":"))
+    """A hash of the model set's identity and the row's settings (images by name and content)."""
+    keyed = dict(params)
+    if "init_image" in keyed:
+        keyed["init_image"] = _image_identity(keyed["init_image"])
+    if "ref_images" in keyed:
+        keyed["ref_images"] = [_image_identity(r) for r in keyed["ref_images"]]
+    text = json.dumps({"model": models[model].identity, "params": keyed}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -168,6 +198,8 @@ def _size(v: Any) -> tuple[int, int]:
 
 def _choices(key: str, v: Any) -> list[Any]:
     """The values a sweep gives ``key``: a list sweeps it (a list of lists for list-valued keys)."""
+    if isinstance(v, list) and not v:
+        raise InvalidArgumentError(f"{key}: an empty list sweeps nothing")
     if key == "seed":
         return _seeds(v)
     if key == "size":
@@ -179,12 +211,30 @@ def _choices(key: str, v: Any) -> list[Any]:
     return list(v) if isinstance(v, list) else [v]
 
 
+def _flat(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A sweep's (or the defaults') keys with ``size`` as width and height, so that a sweep's
+    width or size wins over the defaults' whichever of them each names."""
+    if not isinstance(spec, Mapping):
+        raise InvalidArgumentError(f"{where} must be a mapping of settings")
+    out = {str(k): v for k, v in spec.items()}
+    for k in out:
+        if k not in ROW_KEYS and k not in ("model", "size"):
+            raise InvalidArgumentError(f"{where}: unknown grid key {k!r}; rows take: model, size, "
+                                       f"{', '.join(ROW_KEYS)}")
+    if "size" in out:
+        if "width" in out or "height" in out:
+            raise InvalidArgumentError(f"{where}: give size or width/height, not both")
+        sizes = _choices("size", out.pop("size"))
+        if len(sizes) == 1:
+            out["width"], out["height"] = sizes[0]
+        else:
+            out["size"] = sizes            # a size sweep: width and height move together
+    return out
+
+
 def _expand(spec: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
     keys = list(spec)
-    for k in keys:
-        if k not in ROW_KEYS and k not in ("model", "size"):
-            raise InvalidArgumentError(f"unknown grid key {k!r}; rows take: model, size, {', '.join(ROW_KEYS)}")
-    choices = [_choices(k, spec[k]) for k in keys]
+    choices = [spec[k] if k == "size" else _choices(k, spec[k]) for k in keys]
     for values in itertools.product(*choices):
         out: dict[str, Any] = {}
         for k, v in zip(keys, values, strict=True):
@@ -195,11 +245,46 @@ def _expand(spec: Mapping[str, Any]) -> Iterable[dict[str, Any]]:
         yield out
 
 
-def _image_path(v: Any, base: Path | None) -> str:
-    if not isinstance(v, (str, Path)):
-        raise InvalidArgumentError(f"a row's images are file paths, not {type(v).__name__}")
-    p = Path(v).expanduser()
-    return str(p if p.is_absolute() or base is None else base / p)
+def _merge(defaults: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """The defaults under a sweep's keys; a sweep's size replaces the defaults' width and height,
+    its width or height replaces a size sweep of the defaults."""
+    out = dict(defaults)
+    if "size" in spec:
+        for k in ("width", "height"):
+            out.pop(k, None)
+    elif "width" in spec or "height" in spec:
+        out.pop("size", None)
+    out.update(spec)
+    return out
+
+
+def _clean(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Unset values (None, a table's NaN) dropped; whole floats of integer keys (a table's int
+    columns with gaps) made ints."""
+    out = {}
+    for k, v in entry.items():
+        if v is None or (isinstance(v, float) and v != v):
+            continue
+        if k in INT_KEYS and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        out[str(k)] = v
+    return out
+
+
+def _checked(params: dict[str, Any]) -> dict[str, Any]:
+    """The row's values as GenerationSettings takes them (so 2 and 2.0 give one id), or a clear
+    error now rather than on a worker after its models have loaded."""
+    try:
+        s = GenerationSettings(**{k: v for k, v in params.items() if k not in IMAGE_KEYS})
+    except (TypeError, ValueError) as e:
+        shown = {k: params[k] for k in list(params)[:6]}
+        raise InvalidArgumentError(f"row {shown}: {e}") from None
+    for k in FLOAT_KEYS:
+        if k in params:
+            params[k] = getattr(s, k)
+    if "sigmas" in params and s.sigmas is not None:
+        params["sigmas"] = list(s.sigmas)
+    return params
 
 
 def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mapping[str, Any]]],
@@ -208,14 +293,16 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
     Image paths (init_image, ref_images) are taken relative to ``base``."""
     rows: dict[str, Row] = {}
     for sweep, entry in entries:
-        params = {k: v for k, v in entry.items() if v is not None}
+        params = _clean(entry)
         if "size" in params:
+            if "width" in params or "height" in params:
+                raise InvalidArgumentError("give size or width/height, not both")
             params["width"], params["height"] = _size(params.pop("size"))
         if "init_image" in params:
-            params["init_image"] = _image_path(params["init_image"], base)
+            params["init_image"] = _absolute(params["init_image"], base)
         if "ref_images" in params:
             refs = params["ref_images"]
-            params["ref_images"] = [_image_path(r, base) for r in (refs if isinstance(refs, list) else [refs])]
+            params["ref_images"] = [_absolute(r, base) for r in (refs if isinstance(refs, list) else [refs])]
         model = params.pop("model", None)
         if model is None:
             if len(models) != 1:
@@ -229,6 +316,7 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
         if not isinstance(params.get("prompt"), str):
             raise InvalidArgumentError("every row needs a prompt (a string)")
         params["seed"] = _seed(params.get("seed"))
+        params = _checked(params)
         rid = row_id(models, model, params)
         if rid in rows:
             old = rows[rid]
@@ -259,7 +347,7 @@ def build(spec: Mapping[str, Any], base: Path | None = None) -> Grid:
     if not isinstance(raw_models, Mapping) or not raw_models:
         raise InvalidArgumentError("a grid needs models: a mapping of names to model files")
     models = {str(n): model_set(str(n), m, base) for n, m in raw_models.items()}
-    defaults = dict(spec.get("defaults") or {})
+    defaults = _flat(spec.get("defaults") or {}, "defaults")
     sweeps = spec.get("sweeps") or {}
     if not isinstance(sweeps, Mapping):
         raise InvalidArgumentError("sweeps must map sweep names to settings")
@@ -271,14 +359,12 @@ def build(spec: Mapping[str, Any], base: Path | None = None) -> Grid:
 
     def entries() -> Iterable[tuple[str, dict[str, Any]]]:
         for name, sweep in sweeps.items():
-            if not isinstance(sweep, Mapping):
-                raise InvalidArgumentError(f"sweep {name!r} must be a mapping")
-            for entry in _expand({**defaults, **sweep}):
+            for entry in _expand(_merge(defaults, _flat(sweep, f"sweep {name!r}"))):
                 yield str(name), entry
         for row in rows:
             if not isinstance(row, Mapping):
                 raise InvalidArgumentError("rows must be a list of mappings")
-            for entry in _expand({**defaults, **row}):
+            for entry in _expand(_merge(defaults, _flat(row, "a row"))):
                 yield "", entry
     return Grid(models, make_rows(models, entries(), base))
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sdcpp_py import InvalidArgumentError, read_parameters
 from sdcpp_py import grid as grids
-from sdcpp_py.batch import OutputDir, RowOutput, group_by_prompt, run
+from sdcpp_py.batch import OutputDir, RowOutput, RowWorker, group_by_prompt, run
 from sdcpp_py.cli import main
 
 
@@ -88,10 +88,53 @@ def test_yaml_grid_and_list_valued_keys(tmp_path):
     ({"models": {"a": {"model": "m", "preset": "sdxl"}}, "rows": [{"prompt": "p", "seed": 1}]}, "unknown preset"),
     ({"models": {"a": {"model": "m"}}, "rows": "p"}, "list of mappings"),
     ({"models": {"a": {"model": "m"}}, "rows": [], "extra": 1}, "unknown grid sections"),
+    ({"models": {"a": {"model": "m"}}, "rows": [{"prompt": "p", "seed": 1, "steps": "four"}]}, "steps must be an int"),
+    ({"models": {"a": {"model": "m"}}, "rows": [{"prompt": "p", "seed": 1, "size": "500x500"}]}, "multiple of 16"),
+    ({"models": {"a": {"model": "m"}}, "rows": [{"prompt": "p", "seed": 1, "negative_prompt": True}]}, "must be a str"),
+    ({"models": {"a": {"model": "m"}}, "rows": [{"prompt": "p", "seed": 1, "sigmas": [0.5, 1.0]}]}, "not increase"),
+    ({"models": {"a": {"model": "m"}}, "sweeps": {"s": {"prompt": "p", "seed": []}}}, "empty list"),
+    ({"models": {"a": {"model": "m"}}, "defaults": ["p"], "sweeps": {"s": {"prompt": "p", "seed": 1}}},
+     "defaults must be a mapping"),
+    ({"models": {"a": {"model": "m", "settings": ["x"]}}, "rows": [{"prompt": "p", "seed": 1}]}, "settings must map"),
+    ({"models": {"a": {"model": "m"}}, "rows": [{"prompt": "p", "seed": 1, "size": "64x64", "width": 64}]},
+     "size or width"),
+    ({"models": {"a": {"model": "m"}}, "rows": [{"prompt": "p", "seed": 1, "init_image": "/no/such.png"}]},
+     "cannot read the image"),
 ])
 def test_bad_grids_raise_clear_errors(spec, message):
     with pytest.raises(InvalidArgumentError, match=message):
         grids.build(spec)
+
+
+def test_defaults_give_way_to_a_sweep_and_ids_follow_values_not_spellings(tmp_path):
+    def rows(spec):
+        return grids.build({"models": {"a": {"model": "/m.gguf"}}, **spec}).rows
+
+    widths = rows({"defaults": {"prompt": "p", "seed": 1, "size": "256x128"}, "sweeps": {"w": {"width": [512]}}})
+    assert widths[0].params["width"] == 512 and widths[0].params["height"] == 128
+    sizes = rows({"defaults": {"prompt": "p", "seed": 1, "width": 512}, "sweeps": {"s": {"size": "128x64"}}})
+    assert (sizes[0].params["width"], sizes[0].params["height"]) == (128, 64)
+    as_int = rows({"rows": [{"prompt": "p", "seed": 1, "cfg_scale": 2}]})[0]
+    as_float = rows({"rows": [{"prompt": "p", "seed": 1, "cfg_scale": 2.0}]})[0]
+    assert as_int.row_id == as_float.row_id
+    # an input image counts by name and content, not by the folder it is in
+    for d in ("x", "y"):
+        (tmp_path / d).mkdir()
+        Image.new("RGB", (64, 64), (10, 20, 30)).save(tmp_path / d / "init.png")
+    ids = [rows({"rows": [{"prompt": "p", "seed": 1, "init_image": str(tmp_path / d / "init.png")}]})[0].row_id
+           for d in ("x", "y")]
+    assert ids[0] == ids[1]
+    Image.new("RGB", (64, 64), (10, 20, 31)).save(tmp_path / "y" / "init.png")
+    assert rows({"rows": [{"prompt": "p", "seed": 1, "init_image": str(tmp_path / "y" / "init.png")}]})[0].row_id \
+        != ids[0]
+
+
+def test_a_tables_gaps_are_unset_values():
+    # a table's gaps (NaN) are unset values, its float-typed int columns ints
+    pd = pytest.importorskip("pandas")
+    table = grids.rows_from_table({"a": grids.ModelSet("a", {"model": "/m.gguf"})},
+                                  pd.DataFrame([{"prompt": "p", "seed": 1, "steps": 4}, {"prompt": "q", "seed": 2}]))
+    assert [r.params for r in table] == [{"prompt": "p", "seed": 1, "steps": 4}, {"prompt": "q", "seed": 2}]
 
 
 def test_bad_grid_files(tmp_path):
@@ -185,6 +228,22 @@ def test_model_sets_sharing_an_encoder_hand_it_over(tiny_sets, pipelines, tmp_pa
     loads = []
     report = run(g, tmp_path, on_row=lambda made: loads.append(made.record["model"]))
     assert report.made == 2 and loads == ["a", "c"]
+    # the second set borrowed the first's encoder: it loaded the DiT and VAE only
+    worker = RowWorker(g.models, n_threads=2)
+    try:
+        first = worker.pipeline("a")
+        seen = {}
+        close = first.close
+
+        def closing():          # the moment the first set goes, the second holds its encoder with it
+            seen["shared"] = worker.pipe is not first and worker.pipe.shares_encoder
+            close()
+        first.close = closing
+        second = worker.pipeline("c")
+        assert seen == {"shared": True} and first.closed and not second.closed
+        assert second.generate("a cat", seed=2, width=64, height=64, steps=1).image.size == (64, 64)
+    finally:
+        worker.close()
     ref = np.asarray(pipelines["z-image-turbo"].generate("a cat", seed=2, width=64, height=64, steps=1).image)
     for r in g.rows:
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"{r.row_id}.png")), ref)

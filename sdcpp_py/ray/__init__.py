@@ -22,16 +22,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..batch import OutputDir, RowOutput, RowWorker, SweepReport, group_by_prompt, pending
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, SdcppError
 from ..grid import Grid, ModelSet, Row, rows_from_table
 
 logger = logging.getLogger("sdcpp_py")
 __all__ = ["SweepActor", "run_grid", "run_table"]
+TASK_RETRIES = 3       # per work unit and pass; passes run again what is still missing
 
 
 def _require_ray() -> Any:
@@ -75,9 +77,8 @@ class SweepActor:
                     self.worker.n_threads or 0)
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, list[Any]]]:
-        """One output per row. Ray Data gathers a task's outputs into blocks, so a unit's rows
-        reach the driver when the unit ends: units are kept short (``unit_rows``), which bounds
-        the work an actor's death costs; rows of a retried unit already written are dropped."""
+        """One output block per row, sent back as it is made (the pass sets the block size so);
+        rows of a unit cut short are written already, their copies from the retry dropped."""
         for unit in batch["unit"]:
             rows = [Row.from_dict(d) for d in json.loads(str(unit))]
             for made in self.worker.run(rows):
@@ -86,7 +87,10 @@ class SweepActor:
 
 
 def _model_payload(models: dict[str, ModelSet]) -> dict[str, dict[str, Any]]:
-    return {name: {"files": m.files, "settings": m.settings, "preset": m.preset} for name, m in models.items()}
+    """What the actors are built from: paths made absolute here (a ModelSet made by hand may hold
+    relative ones, which a worker would resolve against its own folder)."""
+    return {name: {"files": {k: str(Path(v).expanduser().absolute()) for k, v in m.files.items()},
+                   "settings": m.settings, "preset": m.preset} for name, m in models.items()}
 
 
 def _pass(ray: Any, grid: Grid, todo: dict[str, list[Row]], out: OutputDir, *, actors: int,
@@ -95,13 +99,20 @@ def _pass(ray: Any, grid: Grid, todo: dict[str, list[Row]], out: OutputDir, *, a
     units.sort(key=lambda u: u[0].model)     # one model set after the other; a prompt's units side by side
     items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    # Ray Data's actor pools spread their actors over the nodes, restart dead ones and retry
-    # their tasks without limit (its defaults: SPREAD, max_restarts=-1, max_task_retries=-1)
-    made = ds.map_batches(SweepActor, batch_size=1, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=min(actors, len(items)),
-                                                             max_tasks_in_flight_per_actor=1),
-                          fn_constructor_kwargs={"models": _model_payload(grid.models), "cpu_variant": cpu_variant},
-                          num_cpus=cpus_per_actor)
+    # Ray Data's actor pools spread their actors over the nodes (SPREAD) and restart dead ones
+    # (max_restarts=-1); a task is retried TASK_RETRIES times, not forever (its default), so a
+    # row that kills its actor every time fails the pass instead of looping
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=Warning)
+        made = ds.map_batches(SweepActor, batch_size=1, batch_format="numpy",
+                              compute=ray.data.ActorPoolStrategy(size=min(actors, len(items)),
+                                                                 max_tasks_in_flight_per_actor=1),
+                              fn_constructor_kwargs={"models": _model_payload(grid.models),
+                                                     "cpu_variant": cpu_variant},
+                              num_cpus=cpus_per_actor, max_task_retries=TASK_RETRIES)
+    ctx = made.context
+    ctx.target_max_block_size = 1            # every row its own block, sent back as it is made
+    ctx.execution_no_progress_timeout_s = -1  # a unit of 1 MP rows on one CPU outlasts the 30 min guard
     for row in made.iter_rows():
         out.write(RowOutput(str(row["row_id"]), bytes(row["png"]), json.loads(str(row["record"]))))
 
@@ -136,8 +147,8 @@ def run_grid(grid: Grid, out_dir: str | Path, *, address: str | None = None, act
         except Exception as e:
             # a fault Ray could not ride out: what is written stays, the rest runs again; an
             # error of ours (a model that does not load, a bad row) would only repeat
-            user_error = getattr(ray.exceptions, "UserCodeException", ())
-            if attempt == passes - 1 or isinstance(e, user_error):
+            ours = (SdcppError, TypeError, ValueError, getattr(ray.exceptions, "UserCodeException", SdcppError))
+            if attempt == passes - 1 or isinstance(e, ours):   # Ray's task errors are instances of their cause
                 raise
             logger.warning("pass %d stopped (%s): running the missing rows again", attempt + 1, e)
         todo, _ = pending(grid, out)
