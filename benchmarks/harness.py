@@ -101,6 +101,14 @@ def run_spec(spec: dict[str, Any], work: Path, name: str, env: dict[str, str] | 
     return run_child([sys.executable, str(HERE / "child.py"), str(path)], env=env, log=work / f"{name}.log")
 
 
+def run_script(script: str, spec: dict[str, Any], work: Path, name: str) -> Run:
+    """Run ``benchmarks/<script> --child SPEC`` (a suite's own child) on a spec in its own process."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(spec, default=str))
+    return run_child([sys.executable, str(HERE / script), "--child", str(path)], log=work / f"{name}.log")
+
+
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))

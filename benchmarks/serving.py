@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HERE, emit, ratio, run_child  # noqa: E402
+from harness import emit, ratio, run_script  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dawn, volumetric light"
 
@@ -90,10 +90,7 @@ def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
                       "vae": str(models.vae)},
             "context": {"n_threads": args.threads}, "width": args.width, "height": args.height,
             "steps": args.steps, "images": 2 if args.quick else 4}
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / f"{family}-server.json"
-    path.write_text(json.dumps(spec))
-    r = run_child([sys.executable, str(HERE / "serving.py"), "--child", str(path)], log=work / f"{family}-server.log")
+    r = run_script("serving.py", spec, work, f"{family}-server")
     return {"family": family, "spec": spec, "peak_rss_mb": r.peak_rss_mb, **r.report}
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import HERE, emit, ratio, run_child  # noqa: E402
+from harness import emit, ratio, run_script  # noqa: E402
 
 PROMPTS = ("a lighthouse on a cliff at dawn", "a red fox in fresh snow", "a bowl of ramen, studio light",
            "an old tram in the rain at night")
@@ -95,20 +95,23 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        import ray.data  # noqa: F401
+    except ImportError:
+        return {"family": family, "skipped": "Ray Data is not installed: pip install '.[ray]'"}
     shutil.rmtree(work / family, ignore_errors=True)       # fresh folders: every row made again
     spec = {"files": {"diffusion_model": str(models.diffusion_model), "llm": str(models.llm),
                       "vae": str(models.vae)},
             # the file's type as stored: two actors' pipelines side by side fit in memory
             "context": {"upcast": "none"}, "width": args.width, "height": args.height, "steps": args.steps,
             "work": str(work / family)}
-    path = work / f"{family}-sweep.json"
-    path.write_text(json.dumps(spec))
-    r = run_child([sys.executable, str(HERE / "sweeping.py"), "--child", str(path)], log=work / f"{family}-sweep.log")
+    r = run_script("sweeping.py", spec, work, f"{family}-sweep")
     return {"family": family, "spec": spec, "peak_rss_mb": r.peak_rss_mb, **r.report}
 
 
 def markdown(res: dict[str, Any]) -> list[str]:
+    if "skipped" in res:
+        return [f"### {res['family']}: skipped ({res['skipped']})", ""]
     s = res["spec"]
     base = res["paths"][0]["images_per_minute"]
     lines = [f"### {res['family']}: {res['rows']} rows, {s['width']}x{s['height']}, {s['steps']} steps "

@@ -81,3 +81,12 @@ def test_run_quick(tmp_path):
         assert res["http_overhead"] > 0 and res["requests_per_minute_4_clients"] > 0
         assert res["latency_p95_s"] >= res["latency_p50_s"] > 0
     assert "## Server" in summary
+    for res in data["sweep"]:     # in one process and on Ray: the same files, Ray's overhead measured
+        if "skipped" in res:
+            assert "Ray" in res["skipped"]
+            continue
+        assert [p["path"] for p in res["paths"]] == ["in-process, 1 thread", "in-process, 2 threads",
+                                                     "Ray, 1 actor x 1 CPU", "Ray, 2 actors x 1 CPU"]
+        assert all(res["equal_to_in_process"].values()) and res["rows"] == 16
+        assert all(p["images_per_minute"] > 0 and p["busiest_worker_s"] > 0 for p in res["paths"])
+    assert "## Sweeps" in summary
