@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -81,6 +82,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         report = run(g, out, n_threads=threads)
         assert report.made == n, report
         record(f"in-process, {threads} thread{'s' * (threads > 1)}", out, time.perf_counter() - t, 1)
+    os.chdir(work)          # Ray puts the driver's folder on its workers' sys.path: not a checkout's
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     for actors in (1, 2):
         out = work / f"ray-{actors}"

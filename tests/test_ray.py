@@ -41,7 +41,15 @@ def ray_shutdown():
     ray.shutdown()
 
 
-def test_local_ray_sweep_equals_in_process_and_generate(tiny_sets, pipelines, tmp_path, ray_shutdown):
+@pytest.fixture
+def away_from_the_source(tmp_path, monkeypatch):
+    """Ray puts the driver's folder on its workers' sys.path: a test started in a checkout
+    (beside an installed package) must not hand the workers the checkout's copy."""
+    monkeypatch.chdir(tmp_path)
+
+
+def test_local_ray_sweep_equals_in_process_and_generate(tiny_sets, pipelines, tmp_path, ray_shutdown,
+                                                        away_from_the_source):
     g = _grid(tiny_sets, ["a red door", "a blue boat", "a green hill"], [1, 2])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     report = run_grid(g, tmp_path / "ray", actors=2, cpus_per_actor=1)
@@ -67,7 +75,7 @@ def test_local_ray_sweep_equals_in_process_and_generate(tiny_sets, pipelines, tm
     assert (again.made, again.skipped) == (1, 3)
 
 
-def test_removing_a_node_mid_run_loses_nothing(tiny_sets, pipelines, tmp_path):
+def test_removing_a_node_mid_run_loses_nothing(tiny_sets, pipelines, tmp_path, away_from_the_source):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
     try:
@@ -135,7 +143,8 @@ def test_cli_sweep_on_ray_equals_in_process(tiny_sets, tmp_path, capsys, ray_shu
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
 
 
-def test_a_model_that_does_not_load_fails_the_sweep_at_once(tiny_sets, tmp_path, ray_shutdown):
+def test_a_model_that_does_not_load_fails_the_sweep_at_once(tiny_sets, tmp_path, ray_shutdown,
+                                                            away_from_the_source):
     from sdcpp_py import SdcppError
 
     m = tiny_sets["z-image-turbo"]

@@ -125,10 +125,11 @@ print(json.dumps(samples))
 
 @pytest.mark.parametrize("scenario, family", [("cycles", "flux2-klein"), ("generations", "z-image-turbo"),
                                               ("dropped", "z-image-turbo")])
-def test_memory_does_not_grow(scenario, family, tiny_sets):
+def test_memory_does_not_grow(scenario, family, tiny_sets, tmp_path):
     m = tiny_sets[family]
+    # cwd: `python -c` puts it first on sys.path, and a checkout there is not the installed package
     run = subprocess.run([sys.executable, "-c", MEMORY_CODE, scenario, str(m.diffusion_model), str(m.llm),
-                          str(m.vae)], capture_output=True, text=True, timeout=900)
+                          str(m.vae)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     samples = np.array(json.loads(run.stdout.strip().splitlines()[-1]), dtype=float)
     growth = (samples[-1] - samples[0]) / samples[0]

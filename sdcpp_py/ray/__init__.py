@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -43,6 +44,26 @@ def _require_ray() -> Any:
     except ImportError:
         raise ImportError("sdcpp_py.ray needs Ray Data: pip install 'sdcpp-py[ray]'") from None
     return ray
+
+
+def _init(ray: Any, address: str | None) -> None:
+    """ray.init; from a folder holding another copy of the package (a source checkout beside an
+    installed wheel), from the installed package's folder instead: Ray puts the driver's folder
+    first on its workers' sys.path, so they would import that copy, not the driver's."""
+    import sdcpp_py
+
+    ours = Path(sdcpp_py.__file__).resolve().parent
+    shadow = Path.cwd() / "sdcpp_py"
+    if not shadow.is_dir() or shadow.resolve() == ours:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        return
+    logger.info("starting Ray from %s: ./sdcpp_py is not the package in use (%s)", ours.parent, ours)
+    here = os.getcwd()
+    os.chdir(ours.parent)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    finally:
+        os.chdir(here)
 
 
 def _assigned_cpus(default: int) -> int:
@@ -132,7 +153,7 @@ def run_grid(grid: Grid, out_dir: str | Path, *, address: str | None = None, act
         raise InvalidArgumentError("actors, passes and unit_rows must be >= 1 and cpus_per_actor > 0")
     start = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        _init(ray, address)
     out = OutputDir(Path(out_dir))
     todo, skipped = pending(grid, out)
     for attempt in range(passes):
