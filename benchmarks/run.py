@@ -126,26 +126,19 @@ def main(argv: list[str]) -> int:
             results.setdefault("guide", []).append(res)
             md += guide.markdown(res)
             write_json(out / "results.json", results)
-    if "control" in suites:
-        md.append("## Control: cancel, isolation, memory")
+    # suites run per family of --knob-families, each a module with run(family, models, args, work)
+    # and markdown(result): (name, heading, module)
+    per_family = (("control", "## Control: cancel, isolation, memory", control),
+                  ("server", "## Server: HTTP on top of a generation, requests per minute", serving),
+                  ("sweep", "## Sweeps: in one process and on Ray", sweeping))
+    for name, heading, suite in per_family:
+        if name not in suites:
+            continue
+        md.append(heading)
         for fam in args.knob_families.split(","):
-            res = control.run(fam, models(fam), args, work / "control")
-            results.setdefault("control", []).append(res)
-            md += control.markdown(res)
-            write_json(out / "results.json", results)
-    if "server" in suites:
-        md.append("## Server: HTTP on top of a generation, requests per minute")
-        for fam in args.knob_families.split(","):
-            res = serving.run(fam, models(fam), args, work / "server")
-            results.setdefault("server", []).append(res)
-            md += serving.markdown(res)
-            write_json(out / "results.json", results)
-    if "sweep" in suites:
-        md.append("## Sweeps: in one process and on Ray")
-        for fam in args.knob_families.split(","):
-            res = sweeping.run(fam, models(fam), args, work / "sweep")
-            results.setdefault("sweep", []).append(res)
-            md += sweeping.markdown(res)
+            res = suite.run(fam, models(fam), args, work / name)
+            results.setdefault(name, []).append(res)
+            md += suite.markdown(res)
             write_json(out / "results.json", results)
     import plots
 
