@@ -138,8 +138,12 @@ def test_memory_does_not_grow(scenario, family, tiny_sets, tmp_path):
     print(f"{scenario}: {len(samples) - 1} rounds, RSS {samples[0] / 2**20:.1f} MiB -> {samples[-1] / 2**20:.1f} "
           f"MiB ({growth * 100:+.2f}%; second half {late * 100:+.2f}%)")
     # a leak grows every round: a pipeline's weights or compute buffers (MBs for the tiny models)
-    # left behind per round would add tens of percent here
-    assert growth < 0.02 and late < 0.01
+    # left behind per round would add tens of percent over the second half. A one-time step is
+    # not a leak (seen once in CI's run against the installed wheel: +7% in total, the libraries
+    # there allocating something lazily once), so the second half decides; the total only bounds it
+    shown = [round(x / 2**20, 1) for x in samples]
+    assert late < 0.01, f"RSS grew over the second half: {shown} MiB"
+    assert growth < 0.15, f"RSS grew: {shown} MiB"
 
 
 # -- a decode-only VAE -------------------------------------------------------------------------
