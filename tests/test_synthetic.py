@@ -1,7 +1,7 @@
 """Synthetic model writer: layouts, GGUF/safetensors containers, reproducibility, API checks.
 
-Nothing here runs the engine or needs a model hub: the files are parsed back with a small
-reader written in this test and with sdcpp_py.modelfile.
+Nothing here needs a model hub: the files are parsed back with a small reader written in this
+test and with sdcpp_py.modelfile; one test has the engine decode the quantized blocks we write.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from sdcpp_py.synthetic.__main__ import main as cli_main
 from sdcpp_py.synthetic.dtypes import GGML_TYPES, storage_type
 from sdcpp_py.synthetic.layouts import (
     Qwen3Config,
+    TensorSpec,
     VAEConfig,
     ZImageDiTConfig,
     flux2_vae,
@@ -36,7 +38,7 @@ from sdcpp_py.synthetic.layouts import (
     z_image_dit,
     zimage_ffn_width,
 )
-from sdcpp_py.synthetic.tensordata import FLUX2_BN_EPS, FLUX2_BN_MEAN, FLUX2_BN_STD, dequantize
+from sdcpp_py.synthetic.tensordata import FLUX2_BN_EPS, FLUX2_BN_MEAN, FLUX2_BN_STD, dequantize, iter_tensor_bytes
 
 TYPES_BY_ID = {t.ggml_id: t for t in GGML_TYPES.values()}
 
@@ -281,6 +283,51 @@ def test_quantized_sizes_and_values(tmp_path, wtype):
     v = gguf_tensor(f, "double_blocks.0.img_mlp.0.weight")  # 768 x 128
     assert abs(v.std() * math.sqrt(128) - 1) < 0.05
     assert abs(v.mean()) * math.sqrt(128) < 0.05
+
+
+@pytest.mark.parametrize("wtype", ["q4_k", "q6_k", "iq4_nl"])
+def test_k_and_nonlinear_quant_blocks(wtype):
+    """256-element K blocks and IQ4_NL's table: N(0, 1/fan_in) values, zero-mean rows, and
+    the bytes do not depend on where the chunks are cut (the sign pattern of d is global)."""
+    t = GGML_TYPES[wtype]
+    spec = TensorSpec("layers.0.feed_forward.w1.weight", (96, 1024), "w")
+    raw = np.concatenate([b.reshape(-1) for b in iter_tensor_bytes(spec, t, 0)])
+    assert raw.size == t.nbytes(spec.numel)
+    v = dequantize(raw, t).reshape(96, 1024)
+    assert np.isfinite(v).all()
+    assert abs(v.std() * math.sqrt(1024) - 1) < 0.03
+    assert np.abs(v.mean(axis=1)).max() * math.sqrt(1024) < 0.2    # each row's mean is near 0
+    if wtype == "q4_k":    # a 6-bit scale/min pair packed in the 12 scale bytes decodes to 32, 32
+        assert (raw.reshape(-1, 144)[:, 4:16] == [0xA0] * 8 + [0] * 4).all()
+    with mock.patch("sdcpp_py.synthetic.tensordata.CHUNK_ELEMS", 1 << 13):
+        cut = np.concatenate([b.reshape(-1) for b in iter_tensor_bytes(spec, t, 0)])
+    assert np.array_equal(raw[: t.nbytes(1 << 13)], cut[: t.nbytes(1 << 13)])
+
+
+
+@pytest.mark.parametrize("wtype", ["q4_0", "q4_k", "q6_k", "iq4_nl"])
+def test_engine_decodes_our_blocks(tmp_path, wtype):
+    """The blocks mean to ggml what they mean to our decoder: the engine's convert to F32
+    gives exactly our dequantized values, tensor by tensor."""
+    from sdcpp_py.convert import convert
+
+    t = GGML_TYPES[wtype]
+    src = write_component("z-image-turbo", "dit", tmp_path, wtype=wtype)
+    out = convert(src, tmp_path / "f32.gguf", wtype="f32").path
+    ours, theirs = read_gguf(src), read_gguf(out)
+    # the engine keeps embedder weights in their file type (tensor_should_be_converted)
+    converted = [n for n, info in ours["tensors"].items()
+                 if info["type"] is t and theirs["tensors"][n]["type"] is GGML_TYPES["f32"]]
+    assert len(converted) >= 4
+    for name in converted:
+        np.testing.assert_array_equal(gguf_tensor(theirs, name), gguf_tensor(ours, name), err_msg=name)
+
+def test_k_quant_falls_back_for_narrow_rows():
+    # the tiny layouts' 128-wide Linears cannot hold 256-element blocks: F16, as the engine would
+    assert storage_type(TensorSpec("x", (64, 128), "w"), "q4_k").name == "f16"
+    assert storage_type(TensorSpec("x", (64, 512), "w"), "q4_k").name == "q4_k"
+    assert storage_type(TensorSpec("x", (64, 96), "w"), "iq4_nl").name == "iq4_nl"
+    assert storage_type(TensorSpec("tok", (64, 512), "emb"), "q4_k").name == "f16"   # no get_rows kernel kept
 
 
 def test_reproducible_bytes(tmp_path):

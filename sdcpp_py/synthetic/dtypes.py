@@ -61,11 +61,11 @@ GGML_TYPES: dict[str, GGMLType] = {
     "f32": _from_ggml("f32", "F32"),
     "f16": _from_ggml("f16", "F16"),
     "bf16": _from_ggml("bf16", "BF16"),
-    **{name: _from_ggml(name) for name in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")},
+    **{name: _from_ggml(name) for name in ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q4_k", "iq4_nl")},
 }
 
 FLOAT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16")
-QUANT_TYPES: tuple[str, ...] = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANT_TYPES: tuple[str, ...] = ("q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "q6_k", "q4_k", "iq4_nl")
 WEIGHT_TYPES: tuple[str, ...] = FLOAT_TYPES + QUANT_TYPES
 FORMATS: tuple[str, ...] = ("gguf", "safetensors")
 

@@ -141,8 +141,10 @@ def write_model_set(family: str, out_dir: str | Path, *, size: str = "tiny", see
 
     family: "z-image-turbo" (Z-Image DiT, Qwen3, FLUX.1 VAE) or "flux2-klein" (FLUX.2 Klein
     DiT, Qwen3, FLUX.2 VAE). size: "tiny" (runs in seconds) or "full" (the real layouts:
-    GBs, minutes). Types: f32, f16, bf16 and, in GGUF only, q8_0, q5_1, q5_0, q4_1, q4_0
-    (they apply to Linear and embedding weights; convs are F16 and norms/biases F32).
+    GBs, minutes). Types: f32, f16, bf16 and, in GGUF only, q8_0, q5_1, q5_0, q4_1, q4_0,
+    q6_k, q4_k, iq4_nl (they apply to Linear and embedding weights; convs are F16 and
+    norms/biases F32; a Linear narrower than the type's block, and an embedding of a type the
+    engine would widen, is F16).
     fmt: "gguf" or "safetensors" for all three files (the LLM gets llama.cpp names in GGUF,
     Hugging Face names in safetensors). Both families use the same Qwen3 configuration at a
     given size, so their LLM file (``qwen3-<size>-llm-...``) is one shared file.
