@@ -97,7 +97,8 @@ def run(family: str, models, args, work: Path, sd_cli: Path | None) -> dict[str,
         rows.append(_row("stable-diffusion-cpp-python 0.4.7 (1 process)", [sdpy], n))
     diff = None
     if family == "flux2-klein" and not args.quick:   # diffusers needs the real Klein 4B shapes
-        diff = _external(VENV_DIFFUSERS, "ext_diffusers.py", {**payload, "text_tokens": ours.report["text_tokens"]},
+        diff = _external(VENV_DIFFUSERS, "ext_diffusers.py", {**payload, "text_tokens": ours.report["text_tokens"],
+                                                                    "family": family, "weights": "gguf"},
                          work, f"{family}-diffusers", skipped, "diffusers", "diffusers")
 
     inside = same.report

@@ -1,8 +1,15 @@
-"""Runs inside benchmarks/cache/venv-diffusers: diffusers' FLUX.2 transformer with the
-Klein 4B configuration and the synthetic DiT's weights (the GGUF file dequantized to
-fp32, converted with diffusers' own BFL-to-diffusers mapping), timed per step on the
-same token counts as sdcpp-py. The text encoder and VAE are left out: this is the
-per-step and memory comparison. Prints one BENCH_JSON line."""
+"""Runs inside benchmarks/cache/venv-diffusers (PyTorch CPU + diffusers); prints one
+BENCH_JSON line. Two jobs, chosen by the spec's "job":
+
+- "transformer" (default): diffusers' DiT of a family with its real configuration, timed
+  per step on the same token counts as sdcpp-py. Weights are random (``"weights":
+  "random"``: speed does not depend on their values) or the synthetic GGUF dequantized and
+  mapped with diffusers' own BFL converter (``"gguf"``, FLUX.2 Klein only). The text
+  encoder and VAE are left out: a per-step and memory comparison.
+- "gemm": PyTorch's own GEMM (``torch.nn.functional.linear``, oneDNN / MKL) on a list of
+  (rows, in, out, count) shapes, in BF16 and FP32: the practical peak of these cores on a
+  step's matmuls, weighted by how often each shape occurs.
+"""
 
 import json
 import os
@@ -10,17 +17,20 @@ import sys
 import time
 from pathlib import Path
 
-import gguf
-import numpy as np
-import torch
-from diffusers import Flux2Transformer2DModel
-from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+# Run as a script, this folder is first on sys.path, and its modules (kernel_suite, compare,
+# ...) would shadow packages that transformers and diffusers import: drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 KLEIN_4B = dict(num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=7680, in_channels=128, mlp_ratio=3.0, guidance_embeds=False)
 
 
 def load_gguf(path: str, dtype: torch.dtype) -> dict:
+    import gguf
+
     state = {}
     for t in gguf.GGUFReader(path).tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -29,20 +39,36 @@ def load_gguf(path: str, dtype: torch.dtype) -> dict:
     return state
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    torch.set_num_threads(spec["threads"])
-    dtype = getattr(torch, os.environ.get("SDCPP_PY_BENCH_TORCH_DTYPE", "float32"))
-    t0 = time.perf_counter()
-    state = convert_flux2_transformer_checkpoint_to_diffusers(load_gguf(spec["files"]["diffusion_model"], dtype))
+def _random_model(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """The model built on the meta device, then given storage filled with N(0, 0.02)."""
     with torch.device("meta"):
-        model = Flux2Transformer2DModel(**KLEIN_4B)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise SystemExit(f"weights do not match the Klein 4B layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    del state
-    model.eval()
-    load_s = time.perf_counter() - t0
+        model = cls(**config).to(dtype)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+    if list(model.buffers()):
+        raise SystemExit(f"{cls.__name__} has buffers: random storage would leave them uninitialised")
+    return model
+
+
+def klein(spec: dict, dtype: torch.dtype):
+    from diffusers import Flux2Transformer2DModel
+
+    if spec.get("weights", "random") == "gguf":
+        from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+        state = convert_flux2_transformer_checkpoint_to_diffusers(load_gguf(spec["files"]["diffusion_model"], dtype))
+        with torch.device("meta"):
+            model = Flux2Transformer2DModel(**KLEIN_4B)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise SystemExit(f"weights do not match the Klein 4B layout: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        del state
+    else:
+        model = _random_model(Flux2Transformer2DModel, KLEIN_4B, dtype)
     img = (spec["width"] // 16) * (spec["height"] // 16)
     txt = spec["text_tokens"]
     g = torch.Generator().manual_seed(0)
@@ -54,16 +80,77 @@ def main(spec_path: str) -> None:
     img_ids[:, 2] = torch.arange(img) % side
     txt_ids = torch.zeros(txt, 4)
     txt_ids[:, 3] = torch.arange(txt)
+
+    def step(i: int) -> None:
+        model(hidden_states=hidden, encoder_hidden_states=context, timestep=torch.tensor([1.0 - 0.1 * i]),
+              img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+    return model, step, img + txt
+
+
+def z_image(spec: dict, dtype: torch.dtype):
+    from diffusers import ZImageTransformer2DModel
+
+    model = _random_model(ZImageTransformer2DModel, {}, dtype)   # the defaults are Z-Image-Turbo's 6B config
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn(16, 1, spec["height"] // 8, spec["width"] // 8, generator=g, dtype=dtype)
+    caption = torch.randn(spec["text_tokens"], 2560, generator=g, dtype=dtype)
+    img = (spec["width"] // 16) * (spec["height"] // 16)
+
+    def step(i: int) -> None:
+        model([latent], torch.tensor([1.0 - 0.1 * i], dtype=dtype), [caption], return_dict=False)
+    return model, step, img + spec["text_tokens"]
+
+
+def transformer(spec: dict) -> dict:
+    dtype = getattr(torch, spec.get("dtype") or os.environ.get("SDCPP_PY_BENCH_TORCH_DTYPE", "float32"))
+    t0 = time.perf_counter()
+    model, step, tokens = {"flux2-klein": klein, "z-image-turbo": z_image}[spec.get("family", "flux2-klein")](spec, dtype)
+    model.eval()
+    load_s = time.perf_counter() - t0
     steps = []
     with torch.inference_mode():
         for i in range(max(2, spec["steps"] + 1)):   # the first call warms up
             t1 = time.perf_counter()
-            model(hidden_states=hidden, encoder_hidden_states=context, timestep=torch.tensor([1.0 - 0.1 * i]),
-                  img_ids=img_ids, txt_ids=txt_ids, return_dict=False)
+            step(i)
             steps.append(time.perf_counter() - t1)
-    print("BENCH_JSON " + json.dumps({"load_s": load_s, "steps_s": steps, "step_s": min(steps[1:]),
-                                      "dtype": str(dtype).replace("torch.", ""), "tokens": img + txt,
-                                      "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    return {"load_s": load_s, "steps_s": steps, "step_s": min(steps[1:]), "dtype": str(dtype).replace("torch.", ""),
+            "tokens": tokens, "params": sum(p.numel() for p in model.parameters()), "weights": spec.get("weights", "random")}
+
+
+def gemm(spec: dict) -> dict:
+    """GFLOP/s of F.linear on the shapes, per dtype: each shape timed (best of reps), weighted by count."""
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    for name in spec.get("dtypes", ["bfloat16", "float32"]):
+        dtype = getattr(torch, name)
+        flops = seconds = 0.0
+        per_shape = []
+        for rows, k, n, count in spec["shapes"]:
+            x = torch.randn(rows, k, generator=g, dtype=torch.float32).to(dtype)
+            w = (torch.randn(n, k, generator=g, dtype=torch.float32) * k ** -0.5).to(dtype)
+            with torch.inference_mode():
+                torch.nn.functional.linear(x, w)   # warm-up (oneDNN picks and caches its kernel)
+                best = float("inf")
+                for _ in range(spec.get("reps", 3)):
+                    t1 = time.perf_counter()
+                    torch.nn.functional.linear(x, w)
+                    best = min(best, time.perf_counter() - t1)
+            f = 2.0 * rows * k * n
+            per_shape.append({"shape": [rows, k, n], "count": count, "gflops": f / best / 1e9})
+            flops += f * count
+            seconds += best * count
+            del x, w
+        out[name] = {"gflops": flops / seconds / 1e9, "shapes": per_shape}
+    return out
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(spec["threads"])
+    result = gemm(spec) if spec.get("job") == "gemm" else transformer(spec)
+    result.update(torch=torch.__version__, threads=torch.get_num_threads(),
+                  cpu_capability=torch.backends.cpu.get_cpu_capability())
+    print("BENCH_JSON " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ summary, PNG plots and contact sheets.
 Suites (``--suites``): compare (sdcpp-py vs sd-cli with the package's and upstream's
 flags, stable-diffusion-cpp-python, diffusers), knobs (weight types, upcast, threads,
 CPU variant, flash attention, VAE direct conv), roofline (DiT step GFLOP/s against an
-fp32 GEMM of the same shapes), guide (the field guide's sweeps with contact sheets),
+fp32 GEMM of the same shapes), kernels (weights kept repacked or plain or
+expanded to F16/BF16, at several sizes, against PyTorch's GEMM peak and diffusers, a
+perf profile of a step, the weight policy's goals), guide (the field guide's sweeps with contact sheets),
 control (cancel latency in a step and in a VAE decode, isolation overhead, memory), server (HTTP
 latency against an in-process generation, requests per minute from 4 clients).
 Every measurement runs in a child process (wall time and peak RSS from wait4) on
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402
 import control  # noqa: E402
 import guide  # noqa: E402
+import kernel_suite  # noqa: E402
 import knobs  # noqa: E402
 import serving  # noqa: E402
 import sweeping  # noqa: E402
@@ -34,7 +37,7 @@ from harness import CACHE, RESULTS, machine_info, run_spec, write_json  # noqa: 
 from roofline import roofline  # noqa: E402
 
 FAMILIES = ("z-image-turbo", "flux2-klein")
-SUITES = ("compare", "knobs", "roofline", "guide", "control", "server", "sweep")
+SUITES = ("compare", "knobs", "kernels", "roofline", "guide", "control", "server", "sweep")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -50,6 +53,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=2, help="images per tool in compare (N)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--knobs", help="comma list of knob numbers or labels to run (default all)")
+    ap.add_argument("--kernel-parts", default=",".join(kernel_suite.PARTS),
+                    help="kernels: which parts (rows: our configurations, gemm: PyTorch's GEMM peak, "
+                         "diffusers: the peer, profile: perf by kernel)")
+    ap.add_argument("--kernel-sizes", help="kernels: comma list of widths to run (256,512,1024; default all)")
+    ap.add_argument("--kernel-configs", help=f"kernels: comma list of configurations ({','.join(kernel_suite.CONFIGS)})")
     ap.add_argument("--sweeps", default=",".join(guide.SWEEPS))
     ap.add_argument("--scale", type=float, help="guide: fraction of the articles' pixel counts (1.0 = ~1 MP)")
     ap.add_argument("--max-steps", type=int, help="guide: cap on steps")
@@ -107,6 +115,15 @@ def main(argv: list[str]) -> int:
             results.setdefault("knobs", []).append(res)
             md += knobs.markdown(res, args)
             write_json(out / "results.json", results)
+    if "kernels" in suites:
+        md.append("## Kernels and the weight policy")
+
+        def kernel_models(family: str, dit_type: str, llm_type: str):
+            return write_model_set(family, CACHE / "synthetic", size=size, dit_type=dit_type, llm_type=llm_type)
+        res = kernel_suite.run(families, kernel_models, args, work / "kernels")
+        results["kernels"] = res
+        md += kernel_suite.markdown(res)
+        write_json(out / "results.json", results)
     if "roofline" in suites:
         md += ["## Roofline", "", "| family | size | tokens (image + text) | GFLOP per step | s/step | "
                "achieved GFLOP/s | fp32 GEMM peak GFLOP/s | fraction |", "|---|---|---|---|---|---|---|---|"]

@@ -48,6 +48,29 @@ def test_run_quick(tmp_path):
     assert "CPU_REPACK" not in plain["weights"]["buffers"]["diffusion"] and not plain["upcast"]
     assert knob["defaults + release encoder/diffusion"]["peak_rss_mb"] > 0
 
+    kern = data["kernels"]   # each configuration in its own process, both families, goals derived
+    by = {(r["family"], r["key"]): r for r in kern["rows"]}
+    assert {f for f, _ in by} == {"z-image-turbo", "flux2-klein"}
+    for family in ("z-image-turbo", "flux2-klein"):
+        assert by[(family, "q4_0")]["plan"]["diffusion"]["kernel"] == "CPU_REPACK"
+        assert by[(family, "q4_0")]["buffers_mb"]["diffusion"].get("CPU_REPACK", 0) > 0
+        assert by[(family, "q4_0-plain")]["plan"]["diffusion"]["kernel"] == "plain"
+        assert by[(family, "bf16")]["plan"]["diffusion"]["memory_type"] == "BF16"
+        assert all(by[(family, k)]["step_s"] > 0 and by[(family, k)]["peak_rss_mb"] > 0
+                   for k in ("q4_0", "q4_0-plain", "q4_k", "bf16"))
+    # the tiny Z-Image layout has Linears wide enough for 256-element K blocks: they are repacked
+    assert by[("z-image-turbo", "q4_k")]["plan"]["diffusion"] == {"file_type": "Q4_K", "memory_type": "Q4_K",
+                                                                "kernel": "CPU_REPACK"}
+    goals = {(g["family"], g["goal"]) for g in kern["goals"]}
+    assert ("flux2-klein", "q4_0 repacked s/step vs best expanded (bf16)") in goals
+    assert all(isinstance(g["met"], bool) and g["ratio"] == g["ratio"] for g in kern["goals"])   # no NaN
+    for p in kern["profiles"]:   # perf around the denoising call only, samples grouped by kernel
+        if "skipped" in p:
+            assert "perf" in p["skipped"]
+            continue
+        assert p["categories"] and abs(sum(c["percent"] for c in p["categories"]) - 100) < 1.0
+    assert "## Kernels" in (out / "summary.md").read_text()
+
     for r in data["roofline"]:
         assert r["step_gflop"] > 0 and r["peak_gflops_fp32_gemm"] > 0 and 0 < r["fraction_of_peak"]
 
