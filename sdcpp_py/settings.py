@@ -96,7 +96,8 @@ class ContextSettings:
     repack: str = "auto"                 # CPU: matmul weights of Q4_0/Q4_K/IQ4_NL/MXFP4 (Q2_K with AVX-512)
                                          # in ggml's repacked kernels' layout ("auto"), or not ("none")
     tensor_type_rules: str | None = None  # the engine's own "regex=type,..." rules, tried before upcast's
-    flash_attn: bool = False             # flash attention in every model (CPU: 1.1x at 256x256, 0.88x at 512x512)
+    flash_attn: bool = False             # flash attention in every model (speed: 0.88x at 512x512 on Sapphire
+                                         # Rapids, 1.1x at 1 MP on Zen 4; benchmarks/README.md)
     diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
     enable_mmap: bool = False
     offload_params_to_cpu: bool = False

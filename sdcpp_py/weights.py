@@ -15,12 +15,18 @@ so the same files and seed give the same pixels on the same machine. The plan,
 and after load the buffers each component really lives in, are reported
 (``Pipeline.weights``, every ``GenerationResult.weights``).
 
-Speeds behind the defaults (benchmarks/README.md, "weight policy"): a repacked Q4_0
-step measured as fast as an expanded F16/BF16 one at under half the memory, so the
-repackable types are kept (Q4_K and IQ4_NL by the same kernels' standalone matmul
-figures, not yet by a full step); Q8_0, Q5_K, Q6_K and the legacy types have no
-repacked x86 kernel in ggml 0.9.8 and are expanded where memory allows, unless
-``MEASURED`` says otherwise for the CPU module.
+Speeds behind the defaults (benchmarks/README.md, "Kernels and the weight policy"; full
+steps of both families, 2 threads):
+
+- repackable types (Q4_0, Q4_K, IQ4_NL) are kept, in the repacked layout. On
+  ``sapphirerapids`` a repacked Q4_0 step is as fast as an expanded one (1.03x the
+  time); on ``zen4`` BF16 expansion is faster, by 1.10-1.13x at the native sizes (Z-Image
+  1024x1024, Klein 512x512) and up to 1.35x at 256x256, for 1.6-2.2x the peak memory and
+  2-3x the load time: at 1 MP the expanded Z-Image peaks at 21.6 GB, 92% of a 24 GB
+  machine. Keeping is the default; ``upcast="diffusion"`` is the one setting for the rest.
+- Q8_0, Q5_K, Q6_K and the legacy types have no repacked x86 kernel in ggml 0.9.8 and
+  are expanded where memory allows (``zen4``: Q8_0 as stored 1.63x slower than expanded),
+  unless ``MEASURED`` says otherwise for the CPU module.
 """
 
 from __future__ import annotations
@@ -70,9 +76,10 @@ _AMX_TYPES = {"Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
 
 # Measured exceptions to "a fast kernel is kept, anything else quantized is expanded", per
 # (CPU module, type): "keep" where the type as stored steps as fast as expanded, "expand"
-# where expansion wins despite a kernel. benchmarks/README.md, "weight policy" (Z-Image
-# layout, 256x256, 2 threads): on sapphirerapids Q8_0 as stored 21.3 s/step against 20.9 s
-# expanded to BF16, at 9.2 GB peak instead of 14.7 GB (on zen4 it is 16.6 against 9.3 s).
+# where expansion wins despite a kernel by more than its memory is worth (none so far).
+# benchmarks/README.md (Z-Image layout, 256x256, 2 threads): on sapphirerapids Q8_0 as
+# stored 21.3 s/step against 20.9 s expanded to BF16, at 9.2 GB peak instead of 14.7 GB;
+# on zen4 18.0 against 11.1 s, so the rule's expansion stands there.
 MEASURED: dict[tuple[str, str], str] = {("sapphirerapids", "Q8_0"): "keep"}
 
 
