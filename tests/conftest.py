@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,18 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raising KeyboardInterrupt, as at a terminal. A process started in the background
+    by a non-interactive shell (``cmd &``, nohup) inherits SIGINT ignored, and Python then never
+    installs its handler: tests that send SIGINT put it back for their duration."""
+    if threading.current_thread() is not threading.main_thread():
+        yield   # signals reach the main thread only; such tests skip themselves
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -219,7 +219,9 @@ def test_ctrl_c_stops_mid_step_exit_130_keeps_written_images(tiny_sets, tmp_path
     proc = subprocess.Popen([*CLI, "--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae",
                              str(m.vae), "-p", "a quiet street", "-W", "512", "-H", "512", "--steps", "40",
                              "--seeds", "1,2,3", "-t", "2", "-o", "street_%d.png"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal, even when this test runs in the background (SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not (tmp_path / "street_0.png").exists():

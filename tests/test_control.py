@@ -107,7 +107,7 @@ def test_cancel_stops_only_its_own_pipeline(tiny_sets, zpipe, reference):
         assert np.array_equal(np.asarray(result.image), reference)
 
 
-def test_ctrl_c_stops_a_generation_mid_step(zpipe, reference):
+def test_ctrl_c_stops_a_generation_mid_step(zpipe, reference, sigint_raises):
     """A real SIGINT to this process while the main thread waits for a generation."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach the main thread only")

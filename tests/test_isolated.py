@@ -61,7 +61,7 @@ def test_an_engine_abort_raises_engine_crashed_and_the_next_call_recovers(isolat
     assert isolated.worker_starts == starts + 1 and isolated.worker_pid != pid
 
 
-def test_cancel_and_ctrl_c_reach_the_worker(isolated, reference):
+def test_cancel_and_ctrl_c_reach_the_worker(isolated, reference, sigint_raises):
     latent = isolated.denoise(isolated.encode("a quiet harbour"), width=512, height=512, steps=1, seed=1)
     pid = isolated.worker_pid
     timer = threading.Timer(0.8, isolated.cancel)
