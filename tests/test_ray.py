@@ -114,9 +114,12 @@ def test_removing_a_node_mid_run_loses_nothing(tiny_sets, pipelines, tmp_path, a
         recs = {r.row_id: json.loads((out / f"{r.row_id}.json").read_text()) for r in g.rows}
         on_worker = [x for x in recs.values() if x["ray_node"] == worker_id]
         assert on_worker and len(on_worker) < len(g.rows)
-        # the worker's actor was cut off mid-run: the rest came from the head's actors, one of
-        # them the restarted one (a third process)
-        assert len({x["pid"] for x in recs.values()}) >= 3, {x["pid"] for x in recs.values()}
+        # the worker's actor was cut off mid-run: the rest came from the head. Whether Ray's
+        # restarted actor (a third process) or the head's first actor made them is a race
+        # (CI once saw the first actor finish every remaining row before the restart came up),
+        # so only the node is asserted
+        head_id = cluster.head_node.node_id
+        assert {x["ray_node"] for x in recs.values() if x["ray_node"] != worker_id} == {head_id}
         ref = pipelines["z-image-turbo"]
         for r in g.rows:
             expected = ref.generate(**r.params).image
