@@ -3,7 +3,9 @@ of weights (a file's type kept in the repacked or the plain kernels' layout, or 
 to F16/BF16 at load) in its own process, at several sizes, with load, encode, s/step,
 decode and peak RSS; each step's achieved GFLOP/s against PyTorch's BF16 and FP32 GEMM
 (oneDNN / MKL) on the same shapes and cores; diffusers' transformer in BF16 and FP32 as
-the peer; a perf profile of a step by kernel; and the issue's goals, met or not, as ratios.
+the peer; a perf profile of a step by kernel; the loader's time (read, expand, repack)
+for the installed library beside a baseline build; and the issue's goals, met or not, as
+ratios.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sdcpp_py.modelfile import inspect
 
 PROMPT = "a red fox in the snow, morning light"
 # Klein's prompts are padded to 512 tokens, Z-Image's are not: the encoder goal is Klein's
-PARTS = ("rows", "gemm", "diffusers", "profile")
+PARTS = ("rows", "gemm", "diffusers", "profile", "load")
 
 # key: (DiT file type, context settings, label); every row's text encoder is a Q4_K file
 CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -56,6 +58,10 @@ PEERS = {"z-image-turbo": [(256, 256, "bfloat16"), (256, 256, "float32"), (512, 
          "flux2-klein": [(256, 256, "bfloat16"), (256, 256, "float32")]}
 # family: [(config, width)] profiled (square sizes); --quick profiles the first at 64x64
 PROFILES = {"z-image-turbo": [("q4_k", 256), ("bf16", 256), ("q4_k", 512)], "flux2-klein": [("q4_k", 256)]}
+
+# family: configurations whose load is timed for each library (the installed one, a baseline)
+LOADS = {"z-image-turbo": ["q4_k", "q8_0", "bf16", "f16"], "flux2-klein": ["q4_k", "bf16-all", "f16-all"]}
+QUICK_LOADS = ["q4_k", "bf16"]
 
 ModelsFor = Callable[[str, str], Any]   # (dit_type, llm_type) -> SyntheticModelSet
 # the engine's loader reports where its time went, per load (summed here over the components);
@@ -99,6 +105,40 @@ def _row(key: str, family: str, size: tuple[int, int], steps: int, models_for: M
                      for c, p in weights.get("per_component", {}).items()},
             "buffers_mb": {c: {k: round(v / 2**20) for k, v in b.items()} for c, b in weights.get("buffers", {}).items()},
             "dit_path": str(models.diffusion_model)}
+
+
+def _warm(models: Any) -> None:
+    """Read the files once so that every load in the comparison starts from the page cache."""
+    for path in _files(models).values():
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def _libraries(args: Any) -> list[tuple[str, dict[str, str]]]:
+    """(name, environment) of each library whose load is timed: the installed one, and a
+    baseline build (``--baseline-library``, e.g. the previous commit's) when given."""
+    libs: list[tuple[str, dict[str, str]]] = [("installed", {})]
+    if getattr(args, "baseline_library", None):
+        libs.append(("baseline", {"SDCPP_PY_LIBRARY": str(Path(args.baseline_library).resolve())}))
+    return libs
+
+
+def _load_row(key: str, family: str, library: tuple[str, dict[str, str]], models_for: ModelsFor, args: Any,
+              work: Path) -> dict[str, Any]:
+    dit_type, context, label = CONFIGS[key]
+    models = models_for(dit_type, "q4_k")
+    _warm(models)
+    spec = {"files": _files(models), "context": {"n_threads": args.threads, **context}, "prompt": PROMPT,
+            "items": []}
+    tag = f"{family}-load-{key}-{library[0]}"
+    r = run_spec(spec, work, tag, env=library[1])
+    weights = r.report.get("weights", {})
+    return {"key": key, "label": label, "family": family, "library": library[0],
+            "load_s": round(r.report["load_s"], 2), "load_split": load_split((work / f"{tag}.log").read_text()),
+            "peak_rss_mb": round(r.peak_rss_mb), "cpu_variant": r.report["cpu_variant"],
+            "plan": {c: {k: p[k] for k in ("file_type", "memory_type", "kernel")}
+                     for c, p in weights.get("per_component", {}).items()}}
 
 
 def _gemm_peak(shapes: dict, args: Any, work: Path, tag: str) -> dict[str, Any]:
@@ -167,7 +207,7 @@ def run(families: list[str], models_for: Callable[[str, str, str], Any], args: A
     parts = set(args.kernel_parts.split(","))
     sizes = set(args.kernel_sizes.split(",")) if args.kernel_sizes else None
     keys = set(args.kernel_configs.split(",")) if args.kernel_configs else None
-    res: dict[str, Any] = {"rows": [], "gemm": [], "peers": [], "profiles": []}
+    res: dict[str, Any] = {"rows": [], "gemm": [], "peers": [], "profiles": [], "loads": []}
 
     def save() -> None:
         write_json(work / "kernels-partial.json", res)
@@ -209,6 +249,15 @@ def run(families: list[str], models_for: Callable[[str, str, str], Any], args: A
                 if keys is None or key in keys:
                     res["profiles"].append(_profile(key, family, (width, width), fam_models(family), args, work))
                     save()
+        if "load" in parts:
+            # which library loads first alternates: the first of a pair finds the page cache
+            # full of model files and pays for reclaiming it (up to 1.5x the load measured)
+            libs = _libraries(args)
+            for n, key in enumerate(QUICK_LOADS if args.quick else LOADS[family]):
+                if keys is None or key in keys:
+                    for lib in libs if n % 2 == 0 else libs[::-1]:
+                        res["loads"].append(_load_row(key, family, lib, fam_models(family), args, work))
+                        save()
     res["goals"] = goals(res)
     return res
 
@@ -334,6 +383,16 @@ def markdown(res: dict[str, Any]) -> list[str]:
                f"{p.get('weights')}", "", "| where | share |", "|---|---|"]
         md += [f"| {c['category']} | {c['percent']:.1f}% |" for c in p["categories"]]
         md += ["", "Top symbols: " + "; ".join(f"{t['symbol']} {t['percent']}%" for t in p["top"][:8]), ""]
+    if res["loads"]:
+        md += ["### Load (the engine loader's own split: thread-seconds over its threads)", "",
+               "| family | setting | DiT in memory | library | load s | read s | convert s | repack / copy s "
+               "| peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["loads"]:
+            split, dit = r["load_split"], r["plan"].get("diffusion", {})
+            md.append(f"| {r['family']} | {r['label']} | {dit.get('memory_type')} ({dit.get('kernel')}) | "
+                      f"{r['library']} | {r['load_s']} | {split['read_s']} | {split['convert_s']} | "
+                      f"{split['repack_copy_s']} | {r['peak_rss_mb']} |")
+        md.append("")
     if res.get("goals"):
         md += ["### Goals", "", "| family | size | goal | ratio | target | met |", "|---|---|---|---|---|---|"]
         md += [f"| {g['family']} | {g['size']} | {g['goal']} | {g['ratio']} | {g['target']} | "

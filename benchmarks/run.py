@@ -55,9 +55,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--knobs", help="comma list of knob numbers or labels to run (default all)")
     ap.add_argument("--kernel-parts", default=",".join(kernel_suite.PARTS),
                     help="kernels: which parts (rows: our configurations, gemm: PyTorch's GEMM peak, "
-                         "diffusers: the peer, profile: perf by kernel)")
+                         "diffusers: the peer, profile: perf by kernel, load: the loader's time per "
+                         "library)")
     ap.add_argument("--kernel-sizes", help="kernels: comma list of widths to run (256,512,1024; default all)")
     ap.add_argument("--kernel-configs", help=f"kernels: comma list of configurations ({','.join(kernel_suite.CONFIGS)})")
+    ap.add_argument("--baseline-library", type=Path,
+                    help="kernels (load part): a libstable-diffusion.so of another build (e.g. the previous "
+                         "commit's) whose load is timed beside the installed one's")
     ap.add_argument("--sweeps", default=",".join(guide.SWEEPS))
     ap.add_argument("--scale", type=float, help="guide: fraction of the articles' pixel counts (1.0 = ~1 MP)")
     ap.add_argument("--max-steps", type=int, help="guide: cap on steps")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sdcpp_py._ffi import library_path
 from sdcpp_py.system import sd_cli_path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -23,7 +24,10 @@ def test_run_quick(tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "SDCPP_PY_BENCH_CACHE": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, str(BENCH / "run.py"), "--quick", "--out", str(out),
-                          "--knobs", "0,1,6,11", "--sweeps", "steps,seeds,quant,aspects"],
+                          "--knobs", "0,1,6,11", "--sweeps", "steps,seeds,quant,aspects",
+                          # the load part's baseline: the same library by another path (what a
+                          # previous build's copy would be)
+                          "--baseline-library", str(library_path())],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
@@ -64,6 +68,13 @@ def test_run_quick(tmp_path):
     goals = {(g["family"], g["goal"]) for g in kern["goals"]}
     assert ("flux2-klein", "q4_0 repacked s/step vs best expanded (bf16)") in goals
     assert all(isinstance(g["met"], bool) and g["ratio"] == g["ratio"] for g in kern["goals"])   # no NaN
+    loads = {(r["family"], r["key"], r["library"]): r for r in kern["loads"]}
+    assert set(loads) == {(f, k, lib) for f in ("z-image-turbo", "flux2-klein") for k in ("q4_k", "bf16")
+                          for lib in ("installed", "baseline")}
+    for r in loads.values():   # the loader's own split was read from its log
+        assert r["load_s"] > 0 and r["peak_rss_mb"] > 0 and set(r["load_split"]) >= {"read_s", "convert_s"}
+        assert 0 < r["load_split"]["tensors_s"] <= r["load_s"] + 0.05
+    assert loads[("z-image-turbo", "bf16", "baseline")]["plan"]["diffusion"]["memory_type"] == "BF16"
     for p in kern["profiles"]:   # perf around the denoising call only, samples grouped by kernel
         if "skipped" in p:
             assert "perf" in p["skipped"]

@@ -322,6 +322,29 @@ def test_engine_decodes_our_blocks(tmp_path, wtype):
     for name in converted:
         np.testing.assert_array_equal(gguf_tensor(theirs, name), gguf_tensor(ours, name), err_msg=name)
 
+
+@pytest.mark.parametrize(("wtype", "target"), [("q4_0", "bf16"), ("q4_k", "f16"), ("q8_0", "bf16"), ("q6_k", "f16")])
+def test_engine_expands_our_blocks(tmp_path, wtype, target):
+    """The engine's expansion of quantized weights to F16/BF16 (what ``upcast`` does at load,
+    a few rows at a time) writes our dequantized values rounded to nearest even, tensor by
+    tensor, for tensors longer than one conversion chunk (65536 values) too."""
+    from sdcpp_py.convert import convert
+    from sdcpp_py.synthetic.tensordata import _encode_float
+
+    t, wide = GGML_TYPES[wtype], GGML_TYPES[target]
+    src = write_component("z-image-turbo", "dit", tmp_path, wtype=wtype)
+    out = convert(src, tmp_path / f"{target}.gguf", wtype=target).path
+    ours, theirs = read_gguf(src), read_gguf(out)
+    converted = [n for n, info in ours["tensors"].items()
+                 if info["type"] is t and theirs["tensors"][n]["type"] is wide]
+    ne = [ours["tensors"][n]["ne"] for n in converted]
+    # chunk boundaries are crossed, and some tensor ends in a partial chunk
+    assert any(n0 * n1 > 65536 and n1 % max(1, 65536 // n0) for n0, n1, *_ in ne), ne
+    for name in converted:
+        want = dequantize(_encode_float(gguf_tensor(ours, name), wide), wide)
+        np.testing.assert_array_equal(gguf_tensor(theirs, name), want, err_msg=name)
+
+
 def test_k_quant_falls_back_for_narrow_rows():
     # the tiny layouts' 128-wide Linears cannot hold 256-element blocks: F16, as the engine would
     assert storage_type(TensorSpec("x", (64, 128), "w"), "q4_k").name == "f16"
