@@ -101,10 +101,15 @@ def _row(key: str, family: str, size: tuple[int, int], steps: int, models_for: M
             "step_s": round(item["step_s"], 3), "decode_s": round(item["decode_s"], 3),
             "wall_s": round(r.wall_s, 1), "peak_rss_mb": round(r.peak_rss_mb), "text_tokens": r.report["text_tokens"],
             "cpu_variant": r.report["cpu_variant"], "threads": r.report["threads"],
-            "plan": {c: {k: p[k] for k in ("file_type", "memory_type", "kernel")}
-                     for c, p in weights.get("per_component", {}).items()},
+            "plan": _plan(weights),
             "buffers_mb": {c: {k: round(v / 2**20) for k, v in b.items()} for c, b in weights.get("buffers", {}).items()},
             "dit_path": str(models.diffusion_model)}
+
+
+def _plan(weights: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each component's weight plan as a report states it: file type, type in memory, kernel."""
+    return {c: {k: p[k] for k in ("file_type", "memory_type", "kernel")}
+            for c, p in weights.get("per_component", {}).items()}
 
 
 def _warm(models: Any) -> None:
@@ -133,12 +138,10 @@ def _load_row(key: str, family: str, library: tuple[str, dict[str, str]], models
             "items": []}
     tag = f"{family}-load-{key}-{library[0]}"
     r = run_spec(spec, work, tag, env=library[1])
-    weights = r.report.get("weights", {})
     return {"key": key, "label": label, "family": family, "library": library[0],
             "load_s": round(r.report["load_s"], 2), "load_split": load_split((work / f"{tag}.log").read_text()),
             "peak_rss_mb": round(r.peak_rss_mb), "cpu_variant": r.report["cpu_variant"],
-            "plan": {c: {k: p[k] for k in ("file_type", "memory_type", "kernel")}
-                     for c, p in weights.get("per_component", {}).items()}}
+            "plan": _plan(r.report.get("weights", {}))}
 
 
 def _gemm_peak(shapes: dict, args: Any, work: Path, tag: str) -> dict[str, Any]:
@@ -250,8 +253,9 @@ def run(families: list[str], models_for: Callable[[str, str, str], Any], args: A
                     res["profiles"].append(_profile(key, family, (width, width), fam_models(family), args, work))
                     save()
         if "load" in parts:
-            # which library loads first alternates: the first of a pair finds the page cache
-            # full of model files and pays for reclaiming it (up to 1.5x the load measured)
+            # which library loads first alternates per configuration, so that neither always
+            # meets the same machine state (page cache, free memory): unchanged loads measured
+            # up to 1.8x apart between runs
             libs = _libraries(args)
             for n, key in enumerate(QUICK_LOADS if args.quick else LOADS[family]):
                 if keys is None or key in keys:

@@ -69,6 +69,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=8, help="guide: seeds per orientation")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<stamp>)")
     a = ap.parse_args(argv)
+    if a.baseline_library is not None and not a.baseline_library.is_file():
+        ap.error(f"--baseline-library {a.baseline_library}: no such file (a libstable-diffusion.so of another build)")
     quick = a.quick
     a.width = a.width or (64 if quick else 256)
     a.height = a.height or (64 if quick else 256)
