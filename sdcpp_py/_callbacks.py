@@ -14,8 +14,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from ._ffi import callback, ffi, lib
 from ._lib_types import CData, CStruct
+from .settings import Preview, ProgressFn
 
 logger = logging.getLogger("sdcpp_py")
 logger.addHandler(logging.NullHandler())
@@ -35,8 +35,6 @@ _LEVELS = {
     lib.SD_LOG_ERROR: logging.ERROR,
 }
 
-ProgressFn = Callable[[int, int, float], None]
-PreviewFn = Callable[[int, "np.ndarray"], None]
 
 
 @callback("void(enum sd_log_level_t, const char*, void*)")
@@ -171,36 +169,6 @@ def progress_scope(fn: ProgressFn | bool | None) -> Iterator[_ProgressState]:
         _ProgressState.current = None
         if isinstance(fn, TqdmProgress):
             fn.close()
-
-
-PREVIEW_MODES = ("proj", "tae", "vae")
-
-
-@dataclass(frozen=True)
-class Preview:
-    """Preview images during sampling: ``fn(step, image)`` with an ``uint8`` (H, W, 3) array.
-
-    ``mode``: "proj" (a linear projection of the latent: nearly free, low detail),
-    "tae" (the tiny autoencoder: needs a ``taesd`` file) or "vae" (the full VAE:
-    as slow as a decode). ``interval``: every how many steps ``fn`` is called (the pinned
-    engine makes a preview at every step regardless). ``noisy``: preview the model's
-    noisy input instead of its denoised estimate. An exception from ``fn`` stops
-    the call, as one from a progress callback does.
-    """
-
-    fn: PreviewFn
-    mode: str = "proj"
-    interval: int = 1
-    noisy: bool = False
-
-    def __post_init__(self) -> None:
-        if not callable(self.fn):
-            raise TypeError("Preview.fn must be a callable(step, image)")
-        if self.mode not in PREVIEW_MODES:
-            from .errors import InvalidArgumentError
-            raise InvalidArgumentError(f"preview mode {self.mode!r}: one of {', '.join(PREVIEW_MODES)}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise TypeError("Preview.interval must be an int >= 1")
 
 
 def _preview_error(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

@@ -1,13 +1,13 @@
-"""PIL images and numpy arrays to and from the engine's ``sd_image_t``."""
+"""Input images: what every face does to them before a generation (one preparation)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-from ._ffi import ffi
-from ._lib_types import CStruct
-from .errors import GenerationError, InvalidArgumentError
+from .errors import InvalidArgumentError
 
 ImageLike = Image.Image | np.ndarray
 
@@ -24,18 +24,28 @@ def as_pil(image: ImageLike) -> Image.Image:
     return image.convert("RGB")
 
 
-def fill_image(struct: CStruct, image: ImageLike) -> tuple[np.ndarray, CStruct]:
-    """Point an ``sd_image_t`` at an RGB copy of ``image``; returns what must stay alive."""
-    rgb = np.ascontiguousarray(np.asarray(as_pil(image)), dtype=np.uint8)
-    buf = ffi.from_buffer(rgb)
-    struct.width, struct.height, struct.channel = rgb.shape[1], rgb.shape[0], 3
-    struct.data = ffi.cast("uint8_t*", buf)
-    return (rgb, buf)
+def size_of(image: ImageLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """The generation size an input image implies (sd-cli: its size in multiples of 16), scaled
+    down, aspect kept, to at most ``max_pixels``."""
+    pil = as_pil(image)
+    scale = 1.0 if max_pixels is None else min(1.0, (max_pixels / (pil.width * pil.height)) ** 0.5)
+    return max(16, int(pil.width * scale) // 16 * 16), max(16, int(pil.height * scale) // 16 * 16)
 
 
-def to_pil(img: CStruct) -> Image.Image:
-    w, h, c = img.width, img.height, img.channel
-    if img.data == ffi.NULL or c not in (1, 3, 4):
-        raise GenerationError(f"engine returned an empty image ({w}x{h}x{c})")
-    arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
-    return Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+def fit_reference(image: ImageLike, width: int, height: int) -> Image.Image:
+    """A reference image at the size sd-cli's auto-resize gives it: at most min(1024^2, width *
+    height) pixels, sides rounded down to multiples of 16, aspect kept (unchanged if it fits)."""
+    pil = as_pil(image)
+    w, h = size_of(pil, min(1024 * 1024, width * height))
+    return pil if (w, h) == pil.size else pil.resize((w, h), Image.Resampling.LANCZOS)
+
+
+def prepare(width: int, height: int, init_image: ImageLike | None,
+            ref_images: Sequence[ImageLike]) -> tuple[Image.Image | None, list[Image.Image]]:
+    """The init image at the generation's size, the references fitted (sd-cli's auto-resize)."""
+    if isinstance(ref_images, (Image.Image, np.ndarray)):
+        raise TypeError("ref_images must be a sequence of images")
+    init = as_pil(init_image) if init_image is not None else None
+    if init is not None and init.size != (width, height):
+        init = init.resize((width, height), Image.Resampling.LANCZOS)
+    return init, [fit_reference(r, width, height) for r in ref_images]

@@ -1,17 +1,138 @@
-"""Values across the FFI: numpy arrays as ``sdcpp_tensor_t`` views, the shim's results
-copied back into numpy, and the shim's error codes as exceptions."""
+"""Values across the FFI, and nothing else: requests and context settings written into the
+engine's structs, numpy arrays as ``sdcpp_tensor_t`` views, images as ``sd_image_t``, the
+shim's results copied back into numpy, and the shim's error codes as exceptions.
+
+Every builder returns the struct and ``keep``: the buffers it points into. The Engine calls
+them inside the function that runs on the engine thread, so ``keep`` lives until the native
+call that reads it has returned.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+from PIL import Image
 
 from ._ffi import ffi, lib, string
+from ._images import ImageLike, as_pil
 from ._lib_types import CStruct, ShimResult
-from .errors import Cancelled, InvalidArgumentError, SdcppError
+from .errors import Cancelled, GenerationError, InvalidArgumentError, SdcppError
+from .settings import ENGINE_FLAGS, ContextSettings, GenerationSettings
 
 PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
+Keep = list[Any]
 
 
+def _text(value: str, keep: Keep) -> CStruct:
+    keep.append(ffi.new("char[]", value.encode()))
+    return keep[-1]
+
+
+def _at(path: str, convert: Callable[[Any, Keep], Any] | None = None) -> Callable[[CStruct, Any, Keep], None]:
+    """A setter of the struct field at ``path`` ("sample_params.guidance.txt_cfg")."""
+    *parents, leaf = path.split(".")
+
+    def setter(p: CStruct, value: Any, keep: Keep) -> None:
+        for name in parents:
+            p = getattr(p, name)
+        setattr(p, leaf, convert(value, keep) if convert is not None else value)
+    return setter
+
+
+def _set_sigmas(p: CStruct, sigmas: Sequence[float], keep: Keep) -> None:
+    keep.append(ffi.new("float[]", list(sigmas)))
+    p.sample_params.custom_sigmas, p.sample_params.custom_sigmas_count = keep[-1], len(sigmas)
+
+
+# Each request field -> how it is written into an sd_img_gen_params_t (a None value leaves the
+# engine's default). A field without a setter here fails loudly, never silently.
+SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
+    "prompt": _at("prompt", _text), "negative_prompt": _at("negative_prompt", _text),
+    "width": _at("width"), "height": _at("height"), "seed": _at("seed"), "batch_count": _at("batch_count"),
+    "strength": _at("strength"), "steps": _at("sample_params.sample_steps"),
+    "cfg_scale": _at("sample_params.guidance.txt_cfg"), "guidance": _at("sample_params.guidance.distilled_guidance"),
+    "sampler": _at("sample_params.sample_method", lambda v, _: lib.str_to_sample_method(v.encode())),
+    "scheduler": _at("sample_params.scheduler", lambda v, _: lib.str_to_scheduler(v.encode())),
+    "flow_shift": _at("sample_params.flow_shift"), "sigmas": _set_sigmas,
+    "vae_tiling": _at("vae_tiling_params.enabled"),
+}
+
+
+def image_params(s: GenerationSettings, *, init_image: ImageLike | None = None,
+                 ref_images: Sequence[ImageLike] = ()) -> tuple[CStruct, Keep]:
+    """An ``sd_img_gen_params_t*`` for the request (``sd_img_gen_params_init`` first)."""
+    params = ffi.new("sd_img_gen_params_t*")
+    lib.sd_img_gen_params_init(params)
+    keep: Keep = []
+    for f in dataclasses.fields(s):
+        value = getattr(s, f.name)
+        if value is not None:
+            if f.name not in SETTERS:
+                raise SdcppError(f"the request field {f.name!r} has no marshalling (_marshal.SETTERS)")
+            SETTERS[f.name](params, value, keep)
+    if init_image is not None:
+        keep.append(fill_image(params.init_image, init_image))
+    if ref_images:
+        refs = ffi.new("sd_image_t[]", len(ref_images))
+        keep.append(refs)
+        keep.extend(fill_image(refs[i], im) for i, im in enumerate(ref_images))
+        params.ref_images, params.ref_images_count = refs, len(ref_images)
+    return params, keep
+
+
+def context_params(paths: dict[str, Path | None], settings: ContextSettings, *, rules: str,
+                   vae_decode_only: bool) -> tuple[CStruct, Keep]:
+    """An ``sd_ctx_params_t*`` for these files and settings (``sd_ctx_params_init`` first)."""
+    p = ffi.new("sd_ctx_params_t*")
+    lib.sd_ctx_params_init(p)
+    keep: Keep = []
+    for name, path in paths.items():
+        if path is not None:
+            setattr(p, "model_path" if name == "model" else f"{name}_path", _text(str(path), keep))
+    p.n_threads = settings.n_threads
+    if settings.wtype is not None:
+        p.wtype = lib.str_to_sd_type(settings.wtype.encode())
+    p.rng_type = lib.str_to_rng_type(settings.rng.encode())
+    if settings.sampler_rng is not None:
+        p.sampler_rng_type = lib.str_to_rng_type(settings.sampler_rng.encode())
+    for name in ENGINE_FLAGS:
+        setattr(p, name, getattr(settings, name))
+    if rules:
+        p.tensor_type_rules = _text(rules, keep)
+    # A resident context serves many calls and img2img: keep everything loaded.
+    p.free_params_immediately = False
+    p.vae_decode_only = vae_decode_only
+    return p, keep
+
+
+def weight_type_id(wtype: str | None) -> int:
+    """The engine's id of a weight type name (``SD_TYPE_COUNT``: keep each tensor's type)."""
+    return lib.str_to_sd_type(wtype.encode()) if wtype is not None else lib.SD_TYPE_COUNT
+
+
+# -- images ------------------------------------------------------------------------------------
+def fill_image(struct: CStruct, image: ImageLike) -> tuple[np.ndarray, CStruct]:
+    """Point an ``sd_image_t`` at an RGB copy of ``image``; returns what must stay alive."""
+    rgb = np.ascontiguousarray(np.asarray(as_pil(image)), dtype=np.uint8)
+    buf = ffi.from_buffer(rgb)
+    struct.width, struct.height, struct.channel = rgb.shape[1], rgb.shape[0], 3
+    struct.data = ffi.cast("uint8_t*", buf)
+    return (rgb, buf)
+
+
+def to_pil(img: CStruct) -> Image.Image:
+    w, h, c = img.width, img.height, img.channel
+    if img.data == ffi.NULL or c not in (1, 3, 4):
+        raise GenerationError(f"engine returned an empty image ({w}x{h}x{c})")
+    arr = np.frombuffer(ffi.buffer(img.data, w * h * c), dtype=np.uint8).reshape(h, w, c).copy()
+    return Image.fromarray(arr[:, :, 0] if c == 1 else arr)
+
+
+# -- tensors -----------------------------------------------------------------------------------
 class TensorViews:
     """``sdcpp_tensor_t`` views over numpy arrays, alive as long as this object."""
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._ffi import ffi, lib, library_path
-from .errors import SdcppError
+from .errors import BackendError
+from .weights import CpuKernels
 
 logger = logging.getLogger("sdcpp_py")
 
@@ -37,10 +38,6 @@ X86_VARIANTS: dict[str, tuple[str, ...]] = {
     "alderlake": _BASE + ("AVX_VNNI",),
     "sapphirerapids": _BASE + ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8"),
 }
-
-
-class BackendError(SdcppError):
-    """No usable backend or device for the request."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +128,14 @@ def _identify(features: dict[str, str]) -> str:
     on = {k for k, v in features.items() if v not in ("0", "")}
     matches = [name for name in X86_VARIANTS if reported_features(name) <= on]
     return max(matches, key=lambda n: len(X86_VARIANTS[n])) if matches else "unknown"
+
+
+def cpu_kernels() -> CpuKernels:
+    """The loaded CPU module's kernels for weights (loads the backends): what the weight policy plans with."""
+    variant = load()
+    on = frozenset(k for k, v in cpu_features().items() if v not in ("0", ""))
+    names = ffi.string(lib.sdcpp_cpu_weight_buffer_types()).decode()
+    return CpuKernels(variant, on, tuple(n for n in names.split(",") if n))
 
 
 def cpu_variant() -> str:

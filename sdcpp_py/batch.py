@@ -27,14 +27,12 @@ from PIL import Image
 from . import backends
 from ._version import __version__
 from .errors import InvalidArgumentError
-from .grid import Grid, ModelSet, Row
+from .grid import Grid, Row
 from .metadata import image_parameters, png_bytes
+from .modelset import ModelSet
 from .pipeline import Pipeline
-from .sweep import iter_images
 
 logger = logging.getLogger("sdcpp_py")
-RECORD_SETTINGS = ("width", "height", "steps", "cfg_scale", "sampler", "scheduler", "flow_shift", "guidance",
-                   "strength")
 
 
 @dataclass
@@ -81,15 +79,10 @@ class RowWorker:
     def pipeline(self, model: str) -> Pipeline:
         if self.pipe is not None and self.model == model:
             return self.pipe
-        m = self.models[model]
-        kwargs = m.pipeline_kwargs()
-        if self.n_threads is not None:
-            kwargs["n_threads"] = self.n_threads
-        old, old_set = self.pipe, self.models.get(self.model or "")
-        same_encoder = (old is not None and old_set is not None and m.files.get("llm") is not None
-                        and old_set.files.get("llm") == m.files["llm"] and old_set.settings == m.settings)
+        old = self.pipe
         start = time.perf_counter()
-        self.pipe = Pipeline(**kwargs, share_encoder_with=old if same_encoder else None)
+        self.pipe, _ = Pipeline.open_set(self.models[model], donors=[old] if old is not None else [],
+                                         **({"n_threads": self.n_threads} if self.n_threads is not None else {}))
         self._load_s = time.perf_counter() - start        # reported with the next row
         self.model = model
         self.loads += 1
@@ -114,19 +107,17 @@ class RowWorker:
             p = dict(row.params)
             init = p.pop("init_image", None)
             refs = p.pop("ref_images", ())
-            seed = p.pop("seed")
-            prompt = p.pop("prompt")
             start = time.perf_counter()
-            s = pipe.settings_for(prompt, seed=seed, **p)
+            s = pipe.settings_for(**p)
             init_image = _open_image(init) if init else None
             ref_images = [_open_image(r) for r in refs]
             misses = pipe.encodings.info().misses
-            item = next(iter_images(pipe, s, seeds=[seed], init_image=init_image, ref_images=ref_images))
+            item = next(pipe.images(s, init_image=init_image, ref_images=ref_images))
             if pipe.encodings.info().misses == misses:      # the prompt's encoding came from the cache
                 item.timings["encode_s"] = 0.0
             if weights is None:
                 weights = pipe.weights
-            png = png_bytes(item.image, image_parameters(pipe, item.settings, seed, weights))
+            png = png_bytes(item.image, image_parameters(pipe, item.settings, item.seed, weights))
             record = self._record(row, item.settings.to_dict(), item.timings, time.perf_counter() - start, weights)
             yield RowOutput(row.row_id, png, record)
 
@@ -135,7 +126,8 @@ class RowWorker:
         rec: dict[str, Any] = {"row_id": row.row_id, "model": row.model, "sweeps": list(row.sweeps),
                                "prompt": settings["prompt"], "negative_prompt": settings["negative_prompt"],
                                "seed": int(row.params["seed"])}
-        rec.update({k: settings.get(k) for k in RECORD_SETTINGS})
+        rec.update({k: v for k, v in settings.items() if k not in rec and k != "batch_count"
+                    and not isinstance(v, (list, tuple))})      # every scalar field of the request
         rec["settings"] = json.dumps(settings, sort_keys=True)
         rec["params"] = json.dumps(row.params, sort_keys=True)
         rec.update({k: float(timings.get(k, 0.0)) for k in ("encode_s", "denoise_s", "decode_s")})

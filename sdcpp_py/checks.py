@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ._images import ImageLike, as_pil
 from .errors import IncompatibleModelError, InvalidArgumentError
@@ -55,16 +54,6 @@ def check_ref_images(images: Sequence[ImageLike]) -> None:
         if pil.width % 16 or pil.height % 16:
             raise InvalidArgumentError(f"reference image {i} is {pil.width}x{pil.height}: both sides must be "
                                        "multiples of 16 (resize or crop it first)")
-
-
-def fit_reference(image: ImageLike, width: int, height: int) -> Image.Image:
-    """A reference image at the size sd-cli's auto-resize gives it: at most min(1024^2, width *
-    height) pixels, sides rounded down to multiples of 16, aspect kept (unchanged if it fits)."""
-    pil = as_pil(image)
-    budget = min(1024 * 1024, width * height)
-    scale = min(1.0, (budget / (pil.width * pil.height)) ** 0.5)
-    w, h = max(16, int(pil.width * scale) // 16 * 16), max(16, int(pil.height * scale) // 16 * 16)
-    return pil if (w, h) == pil.size else pil.resize((w, h), Image.Resampling.LANCZOS)
 
 
 def check_conditioning(c: Conditioning, family: str, context_dim: int | None) -> None:

@@ -21,12 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._callbacks import ProgressFn, capture, progress_scope
-from ._engine_thread import ENGINE_THREAD
-from ._ffi import lib
+from .engine import convert as engine_convert
 from .errors import GenerationError, InvalidArgumentError
 from .modelfile import inspect
-from .settings import WEIGHT_TYPES, check_type_rules
+from .settings import WEIGHT_TYPES, ProgressFn, check_type_rules
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = str | Path
@@ -65,7 +63,6 @@ def convert(model: PathLike, output: PathLike, *, wtype: str | None = None, vae:
     if wtype is not None and wtype not in WEIGHT_TYPES:
         raise InvalidArgumentError(f"weight type {wtype!r}: one of {', '.join(WEIGHT_TYPES)}")
     rules = check_type_rules(tensor_type_rules) if tensor_type_rules else ""
-    sd_type = lib.str_to_sd_type(wtype.encode()) if wtype is not None else lib.SD_TYPE_COUNT
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)
@@ -74,16 +71,10 @@ def convert(model: PathLike, output: PathLike, *, wtype: str | None = None, vae:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would stay on the renamed file
 
-    def run() -> tuple[bool, str]:
-        with capture() as log, progress_scope(progress) as state:
-            ok = lib.convert(str(src).encode(), str(vae_path or "").encode(), str(tmp).encode(), sd_type,
-                             rules.encode(), convert_name)
-        state.raise_error()
-        return bool(ok), log.errors()
-
     start = time.perf_counter()
     try:
-        ok, errors = ENGINE_THREAD.run(run)
+        ok, errors = engine_convert(src, vae_path, tmp, wtype=wtype, rules=rules, convert_name=convert_name,
+                                    progress=progress)
         if not ok:
             raise GenerationError(f"converting {src.name} failed" + (f":\n{errors}" if errors else ""))
         os.replace(tmp, out)

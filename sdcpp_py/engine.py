@@ -1,18 +1,21 @@
 """The Engine: the one owner of a native context.
 
-It holds the handle, cancellation, residency (release and reload of the text
-encoder and the diffusion model, one text encoder shared by several contexts) and
-the marshalling of tensors and images across the FFI. Every method is one
-*hold*: it runs as one call on the engine thread (``_engine_thread``), so the
-residency checks an engine call depends on and the call itself can never be
-separated by another thread's release or close. The Engine knows no Pipeline.
+It holds the handle, cancellation, residency (release and reload of the text encoder and
+the diffusion model, one text encoder shared by several contexts) and takes Python values
+only: paths, ``ContextSettings``, a request (``GenerationSettings``), numpy arrays and PIL
+images. Every native struct is built (``_marshal``) inside the function that runs on the
+engine thread, so nothing a native call reads can be freed before it returns, whatever the
+caller does meanwhile (a second Ctrl-C stops its waiting, not the call). Every method is
+one *hold*: one call on the engine thread (``_engine_thread``), so residency checks and the
+engine call they guard are never separated by another thread's release or close. The
+Engine knows no Pipeline; ``isolated.IsolatedEngine`` offers the same methods from a
+worker process.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,16 +23,28 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from ._callbacks import Preview, ProgressFn, capture, preview_scope, progress_scope
+from . import backends
+from ._callbacks import capture, preview_scope, progress_scope
 from ._engine_thread import ENGINE_THREAD, CancelToken, EngineThread, Operation, Owner
 from ._ffi import ffi, lib, string
-from ._images import to_pil
-from ._lib_types import CData, SdCtx
-from ._marshal import PartKey, TensorViews, check, read_result
-from .errors import ClosedError, GenerationError, ModelLoadError, SdcppError
-from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle, file_stamp
+from ._images import ImageLike
+from ._lib_types import SdCtx
+from ._marshal import (
+    PartKey,
+    TensorViews,
+    check,
+    context_params,
+    fill_image,
+    image_params,
+    read_result,
+    to_pil,
+    weight_type_id,
+)
+from .errors import ClosedError, GenerationError, InvalidArgumentError, ModelLoadError, SdcppError
+from .fileid import stamp
+from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, ContextHandle
+from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn
 
-logger = logging.getLogger("sdcpp_py")
 Parts = list[tuple[PartKey, np.ndarray]]
 T = TypeVar("T")
 
@@ -42,13 +57,15 @@ class Engine(Owner):
     ``release_diffusion``: free the diffusion model before each encoding.
     """
 
+    isolated = False
+
     def __init__(self, paths: dict[str, Path | None], *, release_encoder: bool = False,
                  release_diffusion: bool = False, thread: EngineThread = ENGINE_THREAD) -> None:
         super().__init__()
         self.paths = paths
         self.release_encoder_after = release_encoder
         self.release_diffusion_before = release_diffusion
-        self.stamps = {ENCODER: file_stamp(paths.get("llm")), DIFFUSION: file_stamp(paths.get("diffusion_model"))}
+        self.stamps = {ENCODER: stamp(paths.get("llm")), DIFFUSION: stamp(paths.get("diffusion_model"))}
         self.thread = thread
         self.handle: ContextHandle | None = None
         self.load_seconds = 0.0
@@ -91,21 +108,25 @@ class Engine(Owner):
         return time.perf_counter() - start
 
     # -- lifecycle -------------------------------------------------------------------------
-    def open(self, params: CData, keep: list[Any], *, defer_mask: int, device: str, weight_buffers: str) -> None:
-        """Create the context (``keep``: what ``params`` points into)."""
+    def open(self, settings: ContextSettings, *, rules: str, vae_decode_only: bool, defer: Sequence[int],
+             device: str, weight_buffers: str) -> float:
+        """Create the context; returns the seconds it took."""
+        backends.load()            # the CPU module (and Vulkan) before any context: once per process
+
         def create() -> tuple[SdCtx, float]:
             start = time.perf_counter()
+            params, keep = context_params(self.paths, settings, rules=rules, vae_decode_only=vae_decode_only)
             with capture() as log, progress_scope(None):
-                ctx = lib.sdcpp_new_ctx(params, defer_mask, device.encode(), weight_buffers.encode())
+                ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in defer), device.encode(), weight_buffers.encode())
             if ctx == ffi.NULL:
-                message = string(lib.sdcpp_last_error())
+                message = log.errors() or string(lib.sdcpp_last_error())
                 raise ModelLoadError("stable-diffusion.cpp could not create a context"
-                                     + (f":\n{log.errors() or message}" if (log.errors() or message) else ""))
-            del keep[:]
+                                     + (f":\n{message}" if message else ""))
             return ctx, time.perf_counter() - start
 
         ctx, self.load_seconds = self.thread.run(create, owner=self, discard=lambda r: lib.sdcpp_free_ctx(r[0]))
         self.handle = ContextHandle(ctx)
+        return self.load_seconds
 
     @property
     def closed(self) -> bool:
@@ -157,7 +178,7 @@ class Engine(Owner):
         path = self.paths.get(COMPONENT_FILE[component])
         if path is None or not path.is_file():
             raise ModelLoadError(f"cannot reload the {COMPONENT_NAME[component]}: {path} is gone")
-        if file_stamp(path) != self.stamps.get(component):
+        if stamp(path) != self.stamps.get(component):
             raise ModelLoadError(f"cannot reload the {COMPONENT_NAME[component]}: {path} changed since the "
                                  "pipeline was created (make a new Pipeline for the new file)")
         self.thread.check_cancelled()
@@ -173,8 +194,12 @@ class Engine(Owner):
         if self.release_encoder_after:
             self._release(ctx, ENCODER)
 
-    def borrow_encoder(self, owner: Engine) -> None:
+    def borrow_encoder(self, owner: Engine | Any) -> None:
         """Use ``owner``'s text encoder (this context's own is freed): one copy for both."""
+        if not isinstance(owner, Engine):
+            raise InvalidArgumentError("an isolated pipeline's text encoder lives in its own process: "
+                                       "it cannot be shared")
+
         def share(ctx: SdCtx) -> None:
             check(lib.sdcpp_share_encoder(owner._ptr(), ctx), ModelLoadError)
             if self.handle is not None and owner.handle is not None:   # both open: _ptr() checked
@@ -191,31 +216,30 @@ class Engine(Owner):
         return bool(self.thread.run(lambda: handle.ptr is not None and handle.sharing))
 
     # -- the engine's calls ------------------------------------------------------------------
-    def default_sampler(self, sampler: str | None) -> tuple[str, int]:
-        """The sampler's name (the engine's default when None) and its method id."""
-        def read(ctx: SdCtx) -> tuple[str, int]:
+    def default_method(self, sampler: str | None) -> tuple[str, str]:
+        """The sampler's name (the engine's default for this model when None) and the scheduler
+        the engine picks for it."""
+        def read(ctx: SdCtx) -> tuple[str, str]:
             method = (lib.sd_get_default_sample_method(ctx) if sampler is None
                       else lib.str_to_sample_method(sampler.encode()))
-            return string(lib.sd_sample_method_name(method)), method
+            scheduler = lib.sd_get_default_scheduler(ctx, method)
+            return string(lib.sd_sample_method_name(method)), string(lib.sd_scheduler_name(scheduler))
         return self.run(read)
 
-    def default_scheduler(self, method: int) -> str:
-        def read(ctx: SdCtx) -> str:
-            return string(lib.sd_scheduler_name(lib.sd_get_default_scheduler(ctx, method)))
-        return self.run(read)
-
-    def generate(self, params: CData, keep: list[Any], batch_count: int, *, progress: ProgressFn | None = None,
+    def generate(self, s: GenerationSettings, init_image: ImageLike | None = None,
+                 ref_images: Sequence[ImageLike] = (), *, progress: ProgressFn | None = None,
                  preview: Preview | None = None,
                  token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str]]:
-        """Upstream's generate_image: ``batch_count`` images, the seconds it took and the
-        buffers of the weights after it (``all_buffers``, in the same hold)."""
+        """Upstream's generate_image: the request's images, the seconds it took and the buffers
+        of the weights after it (``all_buffers``, in the same hold)."""
         def generate(ctx: SdCtx) -> tuple[list[Image.Image], float, dict[str, str]]:
             self._ensure(ctx, ENCODER)
             self._ensure(ctx, DIFFUSION)
+            params, keep = image_params(s, init_image=init_image, ref_images=ref_images)
             out = ffi.new("sd_image_t**")
 
             def free() -> None:
-                for i in range(batch_count):
+                for i in range(s.batch_count):
                     lib.free(out[0][i].data)
                 lib.free(out[0])
             with capture() as log:
@@ -225,37 +249,39 @@ class Engine(Owner):
                 except GenerationError as e:
                     raise GenerationError(f"{e}" + (f":\n{log.errors()}" if log.errors() else "")) from None
                 finally:
-                    self._after_encoding(ctx)
+                            self._after_encoding(ctx)
             try:
-                return [to_pil(out[0][i]) for i in range(batch_count)], seconds, self._buffers(ctx)
+                return [to_pil(out[0][i]) for i in range(s.batch_count)], seconds, self._buffers(ctx)
             finally:
                 free()
         return self.run(generate, token=token)
 
-    def encode(self, params: CData, keep: list[Any], with_negative: bool, *,
+    def encode(self, s: GenerationSettings, with_negative: bool, *,
                token: CancelToken | None = None) -> tuple[Parts, float]:
-        """Text to conditioning parts (and the seconds the encoder ran)."""
+        """The request's prompt (and negative prompt) to conditioning parts, and the seconds."""
         def encode(ctx: SdCtx) -> tuple[Parts, float]:
             self._before_encoding(ctx)
+            params, keep = image_params(s)
             out = ffi.new("sdcpp_result_t**")
             try:
                 seconds = self._native(lib.sdcpp_encode, params, with_negative, out,
                                        cleanup=lambda: lib.sdcpp_result_free(out[0]))
             finally:
-                self._after_encoding(ctx)
+                    self._after_encoding(ctx)
             return read_result(out[0]), seconds
         return self.run(encode, token=token)
 
-    def denoise(self, params: CData, keep: list[Any], condition: Parts, init_latent: np.ndarray | None,
-                noise: np.ndarray | None, *, progress: ProgressFn | None = None,
-                preview: Preview | None = None, token: CancelToken | None = None) -> tuple[np.ndarray, float]:
-        """Conditioning (+ init latent, + noise) to one latent."""
-        cond = TensorViews(condition)
-        init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
-        noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
-
+    def denoise(self, s: GenerationSettings, condition: Parts, init_latent: np.ndarray | None = None,
+                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (), *,
+                progress: ProgressFn | None = None, preview: Preview | None = None,
+                token: CancelToken | None = None) -> tuple[np.ndarray, float]:
+        """Conditioning (+ init latent, + noise) to one latent, and the seconds."""
         def denoise(ctx: SdCtx) -> tuple[np.ndarray, float]:
             self._ensure(ctx, DIFFUSION)
+            params, keep = image_params(s, ref_images=ref_images)
+            cond = TensorViews(condition)
+            init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
+            noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
             out = ffi.new("sdcpp_result_t**")
             seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
                                    init.first if init else ffi.NULL,
@@ -266,11 +292,11 @@ class Engine(Owner):
             return data, seconds
         return self.run(denoise, token=token)
 
-    def decode(self, params: CData, keep: list[Any], latent: np.ndarray, *,
-               token: CancelToken | None = None) -> Image.Image:
-        view = TensorViews([((0, "latent", 0), latent)])
-
+    def decode(self, s: GenerationSettings, latent: np.ndarray, *, token: CancelToken | None = None) -> Image.Image:
+        """A latent to the image of the request's size (and VAE tiling)."""
         def decode(ctx: SdCtx) -> Image.Image:
+            params, keep = image_params(s)
+            view = TensorViews([((0, "latent", 0), latent)])
             image = ffi.new("sd_image_t*")
             self._native(lib.sdcpp_decode, params, view.first, image, cleanup=lambda: lib.free(image.data))
             try:
@@ -279,13 +305,27 @@ class Engine(Owner):
                 lib.free(image.data)
         return self.run(decode, token=token)
 
-    def encode_image(self, params: CData, keep: list[Any], image: CData, *,
-                     token: CancelToken | None = None) -> np.ndarray:
-        """An ``sd_image_t*`` (kept alive by ``keep``) to a latent."""
+    def encode_image(self, s: GenerationSettings, image: ImageLike, *, token: CancelToken | None = None) -> np.ndarray:
+        """An image to a latent (the VAE encoder), seeded and sized by the request."""
         def encode(ctx: SdCtx) -> np.ndarray:
+            params, keep = image_params(s)
+            sd_image = ffi.new("sd_image_t*")
+            keep += [sd_image, fill_image(sd_image[0], image)]   # alive until this function returns
             out = ffi.new("sdcpp_result_t**")
-            self._native(lib.sdcpp_encode_image, params, image, out, cleanup=lambda: lib.sdcpp_result_free(out[0]))
+            self._native(lib.sdcpp_encode_image, params, sd_image, out,
+                         cleanup=lambda: lib.sdcpp_result_free(out[0]))
             (_, data), = read_result(out[0])
             return data
         return self.run(encode, token=token)
 
+
+def convert(src: Path, vae: Path | None, out: Path, *, wtype: str | None, rules: str, convert_name: bool,
+            progress: ProgressFn | bool | None, thread: EngineThread = ENGINE_THREAD) -> tuple[bool, str]:
+    """The engine's model conversion on the engine thread: (succeeded, the engine's error lines)."""
+    def run() -> tuple[bool, str]:
+        with capture() as log, progress_scope(progress) as state:
+            ok = lib.convert(str(src).encode(), str(vae or "").encode(), str(out).encode(), weight_type_id(wtype),
+                             rules.encode(), convert_name)
+        state.raise_error()
+        return bool(ok), log.errors()
+    return thread.run(run)

@@ -49,3 +49,7 @@ class Cancelled(SdcppError):
 
 class EngineCrashed(SdcppError):
     """The engine's worker process died (isolated mode); the next call starts a new one."""
+
+
+class BackendError(SdcppError):
+    """No usable backend or device for the request."""

@@ -33,43 +33,19 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError
-from .settings import ContextSettings, GenerationSettings
+from .fileid import file_hash
+from .modelset import ModelSet, absolute, model_set
+from .settings import parse_request, request, request_fields
 
-MODEL_FILES = ("model", "diffusion_model", "llm", "vae", "taesd")
-# Pipeline.generate's arguments a row may set (seed is required; images are file paths)
-ROW_KEYS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "cfg_scale", "sampler",
-            "scheduler", "flow_shift", "guidance", "sigmas", "strength", "vae_tiling", "init_image", "ref_images")
-LIST_VALUED = ("sigmas", "ref_images")
-IMAGE_KEYS = ("init_image", "ref_images")
-INT_KEYS = ("seed", "width", "height", "steps")
-FLOAT_KEYS = ("cfg_scale", "flow_shift", "guidance", "strength")
+IMAGE_KEYS = ("init_image", "ref_images")      # file paths
+LIST_VALUED = ("sigmas", "ref_images")         # lists as values: a list of lists sweeps them
 MAX_SEED = 2**63 - 1
 MAX_ROWS = 1_000_000
-
-
-@dataclass(frozen=True)
-class ModelSet:
-    """The files of one resident Pipeline and its ContextSettings keywords."""
-
-    name: str
-    files: dict[str, str]
-    settings: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None      # generation defaults (None: the family's)
-
-    def pipeline_kwargs(self) -> dict[str, Any]:
-        return {**self.files, **self.settings, **({"preset": self.preset} if self.preset else {})}
-
-    @property
-    def identity(self) -> dict[str, Any]:
-        """What a row id depends on: the name, the file names, the settings (not n_threads)."""
-        return {"name": self.name, "files": {k: Path(v).name for k, v in sorted(self.files.items())},
-                "settings": {k: v for k, v in sorted(self.settings.items()) if k != "n_threads"},
-                "preset": self.preset}
 
 
 @dataclass(frozen=True)
@@ -102,49 +78,14 @@ class Grid:
         return [r for r in self.rows if r.model == model]
 
 
-# -- model sets ----------------------------------------------------------------------------------
-def model_set(name: str, spec: Mapping[str, Any], base: Path | None = None) -> ModelSet:
-    if not isinstance(spec, Mapping):
-        raise InvalidArgumentError(f"model set {name!r} must be a mapping of files (and settings)")
-    unknown = set(spec) - set(MODEL_FILES) - {"settings", "preset"}
-    if unknown:
-        raise InvalidArgumentError(f"model set {name!r}: unknown keys {sorted(unknown)} "
-                                   f"(files: {', '.join(MODEL_FILES)}; settings: ContextSettings keywords)")
-    files = {}
-    for k in MODEL_FILES:
-        if spec.get(k) is not None:
-            files[k] = _absolute(spec[k], base)
-    if "model" not in files and "diffusion_model" not in files:
-        raise InvalidArgumentError(f"model set {name!r} needs model or diffusion_model")
-    if not isinstance(spec.get("settings") or {}, Mapping):
-        raise InvalidArgumentError(f"model set {name!r}: settings must map ContextSettings keywords to values")
-    settings = dict(spec.get("settings") or {})
-    try:
-        ContextSettings(**settings)
-    except TypeError as e:
-        raise InvalidArgumentError(f"model set {name!r}: {e}") from None
-    preset = spec.get("preset")
-    if preset is not None:
-        from .presets import get_preset
-
-        get_preset(str(preset))       # a clear error now, not on every actor
-    return ModelSet(name, files, settings, None if preset is None else str(preset))
-
-
-def _absolute(v: Any, base: Path | None) -> str:
-    """A path from a grid: relative to the grid file's folder (else this process's), made absolute
-    here, on the driver, so that every worker opens the same file."""
-    if not isinstance(v, (str, Path)):
-        raise InvalidArgumentError(f"a file path must be a string, not {type(v).__name__}")
-    p = Path(v).expanduser()
-    return str(p if p.is_absolute() else (base or Path.cwd()) / p)
+def row_keys() -> list[str]:
+    """What a row may set: every request field but batch_count (a row is one image), and images."""
+    return [k for k in request_fields() if k != "batch_count"] + list(IMAGE_KEYS)
 
 
 # -- rows ----------------------------------------------------------------------------------------
 def _image_identity(path: str) -> dict[str, str]:
     """An input image in a row id: its name and content, not the folder it sits in."""
-    from .metadata import file_hash
-
     p = Path(path)
     try:
         return {"name": p.name, "sha256": file_hash(p)}
@@ -217,10 +158,10 @@ def _flat(spec: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(spec, Mapping):
         raise InvalidArgumentError(f"{where} must be a mapping of settings")
     out = {str(k): v for k, v in spec.items()}
+    keys = row_keys()
     for k in out:
-        if k not in ROW_KEYS and k not in ("model", "size"):
-            raise InvalidArgumentError(f"{where}: unknown grid key {k!r}; rows take: model, size, "
-                                       f"{', '.join(ROW_KEYS)}")
+        if k not in keys and k not in ("model", "size"):
+            raise InvalidArgumentError(f"{where}: unknown grid key {k!r}; rows take: model, size, {', '.join(keys)}")
     if "size" in out:
         if "width" in out or "height" in out:
             raise InvalidArgumentError(f"{where}: give size or width/height, not both")
@@ -258,33 +199,20 @@ def _merge(defaults: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _clean(entry: Mapping[str, Any]) -> dict[str, Any]:
-    """Unset values (None, a table's NaN) dropped; whole floats of integer keys (a table's int
-    columns with gaps) made ints."""
-    out = {}
-    for k, v in entry.items():
-        if v is None or (isinstance(v, float) and v != v):
-            continue
-        if k in INT_KEYS and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        out[str(k)] = v
-    return out
-
-
 def _checked(params: dict[str, Any]) -> dict[str, Any]:
-    """The row's values as GenerationSettings takes them (so 2 and 2.0 give one id), or a clear
-    error now rather than on a worker after its models have loaded."""
+    """The row's values as the request holds them (2 and 2.0, "Euler" and "euler" give one id), or
+    a clear error now rather than on a worker after its models have loaded."""
+    images = {k: params.pop(k) for k in IMAGE_KEYS if k in params}
     try:
-        s = GenerationSettings(**{k: v for k, v in params.items() if k not in IMAGE_KEYS})
+        values = parse_request(params, where="a row")
+        if "batch_count" in values:
+            raise InvalidArgumentError("a row is one image: no batch_count (sweep the seed)")
+        s = request(**values)
     except (TypeError, ValueError) as e:
         shown = {k: params[k] for k in list(params)[:6]}
         raise InvalidArgumentError(f"row {shown}: {e}") from None
-    for k in FLOAT_KEYS:
-        if k in params:
-            params[k] = getattr(s, k)
-    if "sigmas" in params and s.sigmas is not None:
-        params["sigmas"] = list(s.sigmas)
-    return params
+    canonical = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(s, k)) for k in values)}
+    return {**canonical, **images}
 
 
 def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mapping[str, Any]]],
@@ -293,16 +221,16 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
     Image paths (init_image, ref_images) are taken relative to ``base``."""
     rows: dict[str, Row] = {}
     for sweep, entry in entries:
-        params = _clean(entry)
+        params = {str(k): v for k, v in entry.items() if v is not None and not (isinstance(v, float) and v != v)}
         if "size" in params:
             if "width" in params or "height" in params:
                 raise InvalidArgumentError("give size or width/height, not both")
             params["width"], params["height"] = _size(params.pop("size"))
         if "init_image" in params:
-            params["init_image"] = _absolute(params["init_image"], base)
+            params["init_image"] = absolute(params["init_image"], base)
         if "ref_images" in params:
             refs = params["ref_images"]
-            params["ref_images"] = [_absolute(r, base) for r in (refs if isinstance(refs, list) else [refs])]
+            params["ref_images"] = [absolute(r, base) for r in (refs if isinstance(refs, list) else [refs])]
         model = params.pop("model", None)
         if model is None:
             if len(models) != 1:
@@ -310,9 +238,9 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
             model = next(iter(models))
         if model not in models:
             raise InvalidArgumentError(f"unknown model set {model!r}; the grid has {sorted(models)}")
-        unknown = set(params) - set(ROW_KEYS)
+        unknown = set(params) - set(row_keys())
         if unknown:
-            raise InvalidArgumentError(f"unknown row keys {sorted(unknown)}; rows take: model, {', '.join(ROW_KEYS)}")
+            raise InvalidArgumentError(f"unknown row keys {sorted(unknown)}; rows take: model, {', '.join(row_keys())}")
         if not isinstance(params.get("prompt"), str):
             raise InvalidArgumentError("every row needs a prompt (a string)")
         params["seed"] = _seed(params.get("seed"))

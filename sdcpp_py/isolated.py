@@ -1,13 +1,15 @@
-"""Crash isolation: ``Pipeline(..., isolate=True)`` runs the engine in a worker process.
+"""Crash isolation at the Engine seam: ``Pipeline(..., isolate=True)`` drives an
+:class:`IsolatedEngine`, whose :class:`~sdcpp_py.engine.Engine` lives in a worker process.
 
-The worker holds a normal Pipeline with its models resident and serves the parent's
-calls one at a time over a pipe. Arrays and images cross by shared memory (pickle's
-out-of-band ``persistent_id``), everything else by pickle. When the engine aborts
-the worker (a failed assert), the call raises :class:`EngineCrashed` with the
-worker's last log lines and the next call starts a new worker, models reloaded.
-Cancel, cancel tokens, Ctrl-C and progress callbacks work as in-process: the
-parent signals the worker (SIGUSR1), which cancels its pipeline. The worker
-ignores SIGINT, so a terminal's Ctrl-C reaches the parent only.
+The parent keeps the Pipeline (policy, caches, checks); the worker holds one Engine with
+the models resident and serves its methods one call at a time over a socket. The calls
+carry Python values only (paths, settings, requests, arrays, images): arrays and images
+cross by shared memory (pickle's out-of-band ``persistent_id``), everything else by
+pickle. When the engine aborts the worker (a failed assert), the call raises
+:class:`EngineCrashed` with the worker's last log lines and the next call starts a new
+worker, the context opened again. Cancel, cancel tokens, Ctrl-C and progress callbacks
+work as in-process: the parent signals the worker (SIGUSR1), which cancels its engine.
+The worker ignores SIGINT, so a terminal's Ctrl-C reaches the parent only.
 """
 
 from __future__ import annotations
@@ -22,24 +24,27 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from ._callbacks import Preview, ProgressFn, TqdmProgress
+from ._callbacks import TqdmProgress
 from ._engine_thread import CancelToken, check_token
+from ._ffi import lib
 from ._images import ImageLike
-from .errors import ClosedError, EngineCrashed, InvalidArgumentError, SdcppError
-from .pipeline import GenerationResult, Pipeline
-from .settings import GenerationSettings
-from .staged import Conditioning, Latent
+from .engine import Engine, Parts
+from .errors import Cancelled, ClosedError, EngineCrashed, InvalidArgumentError, SdcppError
+from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn
 
 logger = logging.getLogger("sdcpp_py")
 INLINE_BYTES = 1 << 16          # smaller arrays travel inside the pickle
@@ -127,8 +132,13 @@ def _child_main() -> None:
     _serve(conn, _loads(conn.recv_bytes()), sys.argv[2])
 
 
+# the Engine methods a worker serves
+_CALLS = frozenset({"open", "close", "loaded", "weight_bytes", "all_buffers", "release", "default_method",
+                    "generate", "encode", "denoise", "decode", "encode_image"})
+
+
 def _serve(conn: Connection, kwargs: dict[str, Any], log_path: str) -> None:
-    """The worker's main: one Pipeline, calls until "close" or the parent goes away."""
+    """The worker's main: one Engine, calls until "close" or the parent goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 2)                           # the engine's asserts print on fd 2 before they abort
@@ -143,35 +153,28 @@ def _serve(conn: Connection, kwargs: dict[str, Any], log_path: str) -> None:
     def send(message: tuple[Any, ...]) -> None:
         conn.send_bytes(_dumps(message, blocks))
 
-    try:
-        pipe = Pipeline(**kwargs)
-    except BaseException as e:
-        send(("err", e))
-        return
-    signal.signal(signal.SIGUSR1, lambda *_: pipe.cancel())
-    send(("ok", {n: getattr(pipe, n) for n in _MIRRORED}))
+    engine = Engine(**kwargs)
+    signal.signal(signal.SIGUSR1, lambda *_: engine.cancel())
+    send(("ok", None))
     while True:
         try:
             data = conn.recv_bytes()
         except (EOFError, OSError):
-            pipe.close()
+            engine.close()
             return
         _free(blocks)                        # the parent copied the previous reply out
         kind, name, args, call_kwargs = _loads(data)
         if kind == "abort":
-            from ._ffi import lib
             lib.sdcpp_test_abort()
         try:
-            if kind == "get":
-                result = getattr(pipe, name)
-            else:
-                if call_kwargs.pop("_progress", False):
-                    call_kwargs["progress"] = lambda step, steps, secs: send(("progress", step, steps, secs))
-                spec = call_kwargs.pop("_preview", None)
-                if spec is not None:
-                    call_kwargs["preview"] = Preview(lambda step, image: send(("preview", step, image)), *spec)
-                result = getattr(pipe, name)(*args, **call_kwargs)
-            send(("ok", result))
+            if name not in _CALLS:
+                raise InvalidArgumentError(f"the engine worker serves no {name!r}")
+            if call_kwargs.pop("_progress", False):
+                call_kwargs["progress"] = lambda step, steps, secs: send(("progress", step, steps, secs))
+            spec = call_kwargs.pop("_preview", None)
+            if spec is not None:
+                call_kwargs["preview"] = Preview(lambda step, image: send(("preview", step, image)), *spec)
+            send(("ok", getattr(engine, name)(*args, **call_kwargs)))
         except BaseException as e:
             try:
                 send(("err", e))
@@ -180,10 +183,6 @@ def _serve(conn: Connection, kwargs: dict[str, Any], log_path: str) -> None:
         if name == "close":
             _free(blocks)
             return
-
-
-# attributes of the worker's pipeline the parent keeps a copy of (they do not change)
-_MIRRORED = ("family", "components", "preset", "paths", "settings", "encoder_id", "device", "weight_plan")
 
 
 class Worker:
@@ -201,7 +200,7 @@ class Worker:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def start(self) -> dict[str, Any]:
+    def start(self) -> None:
         fd, self.log_path = tempfile.mkstemp(prefix="sdcpp-worker-", suffix=".log")
         os.close(fd)
         ours, theirs = socket.socketpair()
@@ -213,16 +212,11 @@ class Worker:
         self.conn = Connection(ours.detach())
         self.starts += 1
         self.conn.send_bytes(_dumps(self.kwargs, []))
-        info = _reply_as(dict, self._reply([], None, None))
+        self._reply([], None, None)
         self.load_seconds = time.perf_counter() - start
-        return info
 
     def call(self, kind: str, name: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
              progress: Any = None, token: Any = None, preview: Preview | None = None) -> Any:
-        if not self.alive:
-            logger.info("starting the engine worker again")
-            self.stop()
-            self.start()
         blocks: list[SharedMemory] = []
         try:
             assert self.conn is not None
@@ -323,142 +317,154 @@ T = TypeVar("T")
 
 
 def _reply_as(kind: type[T], value: object) -> T:
-    """The worker's reply to a call of the Pipeline method that returns a ``kind``."""
+    """The worker's reply to a call of the Engine method that returns a ``kind``."""
     if not isinstance(value, kind):
         raise SdcppError(f"the engine worker replied with a {type(value).__name__}, not a {kind.__name__}")
     return value
 
 
-class IsolatedPipeline(Pipeline):
-    """A Pipeline whose engine runs in a worker process (``Pipeline(..., isolate=True)``).
+class IsolatedEngine:
+    """The Engine's methods, run by an Engine in a worker process (see the module's doc).
 
-    Every method and property of Pipeline works and gives the same pixels; an engine
-    abort raises EngineCrashed, and the next call starts a new worker."""
+    Calls from several threads take turns; ``cancel()`` stops the running one (and the rest
+    of the operations begun before it), from any thread."""
 
-    def __init__(self, *, isolate: bool = True, share_encoder_with: Pipeline | None = None,
-                 **kwargs: Any) -> None:
-        if share_encoder_with is not None:
-            raise InvalidArgumentError("isolated pipelines cannot share a text encoder (each has its own process)")
-        for name in ("model", "diffusion_model", "llm", "vae"):
-            if kwargs.get(name) is not None:
-                kwargs[name] = str(Path(kwargs[name]).expanduser().resolve())
-        self._worker = Worker(kwargs)
+    isolated = True
+
+    def __init__(self, paths: dict[str, Path | None], *, release_encoder: bool = False,
+                 release_diffusion: bool = False) -> None:
+        self.worker = Worker({"paths": paths, "release_encoder": release_encoder,
+                              "release_diffusion": release_diffusion})
+        self.load_seconds = 0.0
+        self._opened: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._closed = False
-        info = self._worker.start()
-        for name, value in info.items():
-            setattr(self, name, value)
-        self.load_seconds = self._worker.load_seconds
-        self._finalizer = weakref.finalize(self, self._worker.stop)
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._local = threading.local()
+        self._finalizer = weakref.finalize(self, self.worker.stop)
 
-    def _call(self, name: str, *args: Any, progress: Any = None, cancel: Any = None, **kwargs: Any) -> Any:
-        if self._closed:
-            raise ClosedError("this Pipeline is closed")
-        check_token(cancel)
+    def _call(self, name: str, *args: Any, token: CancelToken | None = None, progress: Any = None,
+              preview: Preview | None = None, **kwargs: Any) -> Any:
+        check_token(token)
         fn = _progress_arg(progress)
         if fn is not None:
             kwargs["_progress"] = True
-        preview = kwargs.pop("preview", None)
         if preview is not None:
             if not isinstance(preview, Preview):
                 raise TypeError("preview must be a sdcpp_py.Preview")
             kwargs["_preview"] = (preview.mode, preview.interval, preview.noisy)
-        try:
-            return self._worker.call("call", name, args, kwargs, progress=fn, token=cancel, preview=preview)
-        finally:
-            if isinstance(fn, TqdmProgress):
-                fn.close()
+        with self._lock:
+            if self._closed:
+                raise ClosedError("this Pipeline is closed")
+            if getattr(self._local, "epoch", self._epoch) != self._epoch:
+                raise Cancelled("cancelled")
+            try:
+                if not self.worker.alive:
+                    self._restart()
+                return self.worker.call("call", name, args, kwargs, progress=fn, token=token, preview=preview)
+            finally:
+                if isinstance(fn, TqdmProgress):
+                    fn.close()
 
-    def _get(self, name: str) -> Any:
-        if self._closed:
-            raise ClosedError("this Pipeline is closed")
-        return self._worker.call("get", name)
+    def _restart(self) -> None:
+        logger.info("starting the engine worker%s", " again" if self.worker.starts else "")
+        self.worker.stop()
+        self.worker.start()
+        if self._opened is not None:
+            args, kwargs = self._opened
+            self.load_seconds = _reply_as(float, self.worker.call("call", "open", args, kwargs))
+
+    @contextmanager
+    def operation(self, token: CancelToken | None = None) -> Iterator[None]:
+        """The calls in the block as one operation: a cancel() during it stops the rest of them."""
+        check_token(token)
+        outer = getattr(self._local, "epoch", None)
+        if outer is None:
+            self._local.epoch = self._epoch
+        try:
+            yield
+        finally:
+            if outer is None:
+                del self._local.epoch
 
     # lifecycle
-    def close(self) -> None:
-        self._closed = True
-        self._finalizer()
-
-    def cancel(self) -> None:
-        self._worker.cancel()
+    def open(self, settings: ContextSettings, **kwargs: Any) -> float:
+        self._opened = ((settings,), kwargs)
+        with self._lock:
+            self._restart()
+        return self.load_seconds
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def worker_pid(self) -> int | None:
-        """The worker process's id (None until it starts again after a crash)."""
-        process = self._worker.process
-        return process.pid if process is not None and self._worker.alive else None
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            self._finalizer()
+
+    def close_later(self) -> None:
+        self._closed = True
+        self._finalizer()
+
+    def cancel(self) -> None:
+        self._epoch += 1
+        self.worker.cancel()
 
     @property
-    def worker_starts(self) -> int:
-        return self._worker.starts
+    def pid(self) -> int | None:
+        """The worker process's id (None while it is not running)."""
+        process = self.worker.process
+        return process.pid if process is not None and self.worker.alive else None
 
-    def _crash_for_test(self) -> None:
+    @property
+    def starts(self) -> int:
+        return self.worker.starts
+
+    def crash_for_test(self) -> None:
         """Make the worker abort() as a failed engine assert does (tests of the isolation)."""
-        self._worker.call("abort", "")
+        with self._lock:
+            self.worker.call("abort", "")
 
-    # calls
-    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
-        return _reply_as(GenerationResult, self._call("generate", prompt, **kwargs))
+    # residency
+    def loaded(self, component: int) -> bool:
+        return _reply_as(bool, self._call("loaded", component))
 
-    __call__ = generate
-
-    def generate_with(self, s: GenerationSettings, **kwargs: Any) -> GenerationResult:
-        return _reply_as(GenerationResult, self._call("generate_with", s, **kwargs))
-
-    def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
-        return _reply_as(GenerationSettings, self._call("settings_for", prompt, **overrides))
-
-    def encode(self, prompt: str, negative_prompt: str | None = None, **kwargs: Any) -> Conditioning:
-        return _reply_as(Conditioning, self._call("encode", prompt, negative_prompt, **kwargs))
-
-    def denoise(self, conditioning: Conditioning, **kwargs: Any) -> Latent:
-        return _reply_as(Latent, self._call("denoise", conditioning, **kwargs))
-
-    @overload
-    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ..., vae_tiling: bool = False,
-               cancel: CancelToken | None = None) -> Image.Image: ...
-
-    @overload
-    def decode(self, latent: Latent, *, output_type: Literal["np"], vae_tiling: bool = False,
-               cancel: CancelToken | None = None) -> np.ndarray: ...
-
-    def decode(self, latent: Latent, **kwargs: Any) -> Image.Image | np.ndarray:
-        reply = self._call("decode", latent, **kwargs)
-        return reply if isinstance(reply, np.ndarray) else _reply_as(Image.Image, reply)
-
-    def encode_image(self, image: ImageLike, **kwargs: Any) -> Latent:
-        return _reply_as(Latent, self._call("encode_image", image, **kwargs))
-
-    def release_encoder(self) -> None:
-        self._call("release_encoder")
-
-    def release_diffusion_model(self) -> None:
-        self._call("release_diffusion_model")
-
-    # state
-    @property
-    def encoder_loaded(self) -> bool:
-        return _reply_as(bool, self._get("encoder_loaded"))
-
-    @property
-    def diffusion_loaded(self) -> bool:
-        return _reply_as(bool, self._get("diffusion_loaded"))
-
-    @property
     def weight_bytes(self) -> dict[str, int]:
-        return _reply_as(dict, self._get("weight_bytes"))
+        return _reply_as(dict, self._call("weight_bytes"))
+
+    def all_buffers(self) -> dict[str, str]:
+        return _reply_as(dict, self._call("all_buffers"))
+
+    def release(self, component: int) -> None:
+        self._call("release", component)
+
+    def borrow_encoder(self, owner: Any) -> None:
+        raise InvalidArgumentError("isolated pipelines cannot share a text encoder (each has its own process)")
 
     @property
-    def weights(self) -> dict[str, Any]:
-        return _reply_as(dict, self._get("weights"))
-
-    @property
-    def shares_encoder(self) -> bool:
+    def sharing(self) -> bool:
         return False
 
-    def __repr__(self) -> str:
-        state = "closed" if self.closed else f"worker pid {self.worker_pid}"
-        return f"<Pipeline {self.family} isolated, {state} device={self.device}>"
+    # the engine's calls
+    def default_method(self, sampler: str | None) -> tuple[str, str]:
+        return _reply_as(tuple, self._call("default_method", sampler))
+
+    def generate(self, s: GenerationSettings, init_image: ImageLike | None = None,
+                 ref_images: Sequence[ImageLike] = (),
+                 **kwargs: Any) -> tuple[list[Image.Image], float, dict[str, str]]:
+        return _reply_as(tuple, self._call("generate", s, init_image, list(ref_images), **kwargs))
+
+    def encode(self, s: GenerationSettings, with_negative: bool, **kwargs: Any) -> tuple[Parts, float]:
+        return _reply_as(tuple, self._call("encode", s, with_negative, **kwargs))
+
+    def denoise(self, s: GenerationSettings, condition: Parts, init_latent: np.ndarray | None = None,
+                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
+                **kwargs: Any) -> tuple[np.ndarray, float]:
+        return _reply_as(tuple, self._call("denoise", s, condition, init_latent, noise, list(ref_images), **kwargs))
+
+    def decode(self, s: GenerationSettings, latent: np.ndarray, **kwargs: Any) -> Image.Image:
+        return _reply_as(Image.Image, self._call("decode", s, latent, **kwargs))
+
+    def encode_image(self, s: GenerationSettings, image: ImageLike, **kwargs: Any) -> np.ndarray:
+        return _reply_as(np.ndarray, self._call("encode_image", s, image, **kwargs))

@@ -11,12 +11,9 @@ context settings, the files' hash prefixes, the weight policy's plan).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import os
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,12 +22,12 @@ from PIL import Image, PngImagePlugin
 
 from ._version import ENGINE_COMMIT, ENGINE_VERSION, __version__
 from .errors import InvalidArgumentError
-from .settings import GenerationSettings
+from .fileid import file_hash
+from .settings import GenerationSettings, parse_request, request
 
 logger = logging.getLogger("sdcpp_py")
 SCHEMA = "sdcpp.image.params/v1"
 KEY = "parameters"
-HASH_CHARS = 10
 # Context settings that change pixels (a rerun must use the same ones).
 PIXEL_CONTEXT = ("rng", "sampler_rng", "wtype", "upcast", "upcast_type", "repack", "tensor_type_rules",
                  "flash_attn", "diffusion_flash_attn", "vae_conv_direct", "diffusion_conv_direct")
@@ -129,10 +126,8 @@ class ImageParameters:
     def _from_root(cls, root: dict[str, Any]) -> ImageParameters:
         ours = root.get("sdcpp_py")
         if isinstance(ours, dict) and isinstance(ours.get("settings"), dict):
-            settings = dict(ours["settings"])
-            if settings.get("sigmas") is not None:
-                settings["sigmas"] = tuple(settings["sigmas"])
-            return cls(GenerationSettings(**settings), dict(root.get("models") or {}), dict(ours.get("hashes") or {}),
+            settings = request(**parse_request(ours["settings"], where="the image's sdcpp_py settings"))
+            return cls(settings, dict(root.get("models") or {}), dict(ours.get("hashes") or {}),
                        dict(ours.get("context") or {}), dict(ours.get("weights") or {}), "sdcpp_py")
         return cls._from_sd_cli(root)
 
@@ -143,7 +138,7 @@ class ImageParameters:
         sigmas = sampling.get("custom_sigmas") or None
         prompt = root.get("prompt") or {}
         flow_shift = sampling.get("flow_shift")
-        settings = GenerationSettings(
+        settings = request(
             prompt=prompt.get("positive", ""), negative_prompt=prompt.get("negative", ""),
             width=int(root["width"]), height=int(root["height"]), steps=int(sampling.get("steps", 20)),
             cfg_scale=float(guidance.get("txt_cfg", 7.0)), sampler=sampling.get("method"),
@@ -196,48 +191,6 @@ def png_bytes(image: Image.Image, parameters: ImageParameters | None) -> bytes:
     return buf.getvalue()
 
 
-# -- file hashes -------------------------------------------------------------------------------
-_hash_lock = threading.Lock()
-_HASH_CACHE_ENTRIES = 512
-
-
-def _hash_cache_file() -> Path:
-    base = os.environ.get("SDCPP_PY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdcpp_py")
-    return Path(base) / "file-hashes.json"
-
-
-def file_hash(path: Path) -> str:
-    """The first HASH_CHARS hex digits of the file's SHA-256, cached by path, size and mtime."""
-    st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    cache_file = _hash_cache_file()
-    with _hash_lock:
-        try:
-            cache = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            cache = {}
-        cached = cache.get(key) if isinstance(cache, dict) else None
-        if isinstance(cached, str):
-            return cached
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        digest = h.hexdigest()[:HASH_CHARS]
-        cache = cache if isinstance(cache, dict) else {}
-        cache[key] = digest
-        cache = dict(list(cache.items())[-_HASH_CACHE_ENTRIES:])   # the newest entries
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-        except OSError as e:
-            logger.debug("file hash cache not written: %s", e)
-        return digest
-
-
 def image_parameters(pipe: Any, settings: GenerationSettings, seed: int, weights: dict[str, Any] | None = None,
                      *, hashes: bool = True) -> ImageParameters:
     """The parameters of one image a Pipeline made with ``settings`` and ``seed``."""
@@ -245,6 +198,6 @@ def image_parameters(pipe: Any, settings: GenerationSettings, seed: int, weights
     models = {role: p.name for role, p in paths.items() if p is not None}
     digests = {role: file_hash(p) for role, p in paths.items() if p is not None} if hashes else {}
     context = {k: getattr(pipe.settings, k) for k in PIXEL_CONTEXT}
-    one = GenerationSettings(**{**settings.to_dict(), "seed": seed, "batch_count": 1})
+    one = settings.one(seed)
     plan = {k: v for k, v in (weights or {}).items() if k in _PLAN_KEYS}
     return ImageParameters(one, models, digests, context, plan)

@@ -3,66 +3,48 @@
 Two ways to generate: ``generate()`` is upstream's one-shot ``generate_image``;
 ``encode()`` → ``denoise()`` → ``decode()`` are the same steps as separate calls
 (our native shim), so one prompt encoding serves many seeds, sizes and step
-counts. Both give the same pixels for the same settings.
+counts. Both give the same pixels for the same request. ``images()`` is the staged
+loop every face uses (one encoding, an image per seed); ``sweep()`` a grid of them.
+
+The Pipeline is policy (presets, defaults, checks, the encoding cache, the weight
+plan); the engine it drives (:class:`~sdcpp_py.engine.Engine`, or with ``isolate=True``
+an :class:`~sdcpp_py.isolated.IsolatedEngine` in a worker process) takes Python values.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
+import itertools
 import logging
 import time
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 
 import numpy as np
 from PIL import Image
 
 from . import backends
-from ._callbacks import Preview, ProgressFn
 from ._engine_thread import CancelToken
-from ._ffi import ffi, lib
-from ._images import ImageLike, as_pil, fill_image
-from ._lib_types import CStruct
+from ._images import ImageLike, as_pil, prepare
 from .cache import EncodingCache
 from .checks import check_conditioning, check_latent, check_ref_images, check_schedule, check_taesd
 from .engine import Engine
 from .errors import ClosedError, IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
+from .fileid import identity
+from .isolated import IsolatedEngine
+from .modelset import ModelSet
 from .presets import Preset, get_preset, preset_for_family
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, SHARED_SETTINGS
-from .settings import ContextSettings, GenerationSettings, resolve_seed
-from .staged import Conditioning, Latent
+from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn, request, resolve_seed
+from .staged import Conditioning, GenerationResult, ImageItem, Latent, SweepResult
 from .weights import WeightPlan, parse_buffers, plan_weights
-
-if TYPE_CHECKING:
-    from .sweep import SweepResult
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = str | Path
 LATENT_SCALE = {Z_IMAGE: 8, FLUX2_KLEIN: 16, FLUX2_DEV: 16}
-
-
-@dataclass
-class GenerationResult:
-    """Images of one call, the settings that made them and where the time went."""
-
-    images: list[Image.Image]
-    settings: GenerationSettings
-    seeds: list[int]
-    timings: dict[str, float] = field(default_factory=dict)
-    weights: dict[str, Any] = field(default_factory=dict)   # the weight policy's plan and buffers
-
-    @property
-    def image(self) -> Image.Image:
-        return self.images[0]
-
-    @property
-    def arrays(self) -> list[np.ndarray]:
-        """The images as ``uint8`` arrays of shape (height, width, channels)."""
-        return [np.asarray(im) for im in self.images]
 
 
 class Pipeline:
@@ -82,12 +64,6 @@ class Pipeline:
     (``threading.Event``) and Ctrl-C stop a call within the graph it computes.
     """
 
-    def __new__(cls, *args: Any, isolate: bool = False, **kwargs: Any) -> Pipeline:
-        if isolate and cls is Pipeline:
-            from .isolated import IsolatedPipeline
-            return super().__new__(IsolatedPipeline)
-        return super().__new__(cls)
-
     def __init__(self, *, model: PathLike | None = None, diffusion_model: PathLike | None = None,
                  llm: PathLike | None = None, vae: PathLike | None = None, taesd: PathLike | None = None,
                  settings: ContextSettings | None = None, preset: str | Preset | None = None,
@@ -103,61 +79,86 @@ class Pipeline:
             self.paths["taesd"] = check_taesd(_path(taesd))
         self.family = self.components.family
         self.preset: Preset | None = get_preset(preset) if preset is not None else preset_for_family(self.family)
-        self.encoder_id = _file_identity(self.paths["llm"] or self.paths["model"])
+        self.encoder_id = identity(self.paths["llm"] or self.paths["model"])
         self.encodings: EncodingCache[Conditioning] = EncodingCache(cache_size)
         self._engine_defaults: dict[str | None, tuple[str, str]] = {}   # sampler asked -> (sampler, scheduler)
         self.load_count = 0
         self.load_seconds = 0.0
-        self._engine = Engine(self.paths, release_encoder=self.settings.release_encoder,
-                              release_diffusion=self.settings.release_diffusion)
+        backends.load()
+        self._device = backends.resolve_device(self.settings.backend, self.settings.device)
+        self.device = self._device or backends.default_device()
+        on_cpu = self.device == "CPU"
+        self.weight_plan: WeightPlan = plan_weights(
+            self.settings.upcast, self.paths, on_cpu=on_cpu, wtype=self.settings.wtype, repack=self.settings.repack,
+            target=self.settings.upcast_type, kernels=backends.cpu_kernels() if on_cpu else None)
+        self.engine = (IsolatedEngine if isolate else Engine)(
+            self.paths, release_encoder=self.settings.release_encoder,
+            release_diffusion=self.settings.release_diffusion)
         if share_encoder_with is None:
-            self._load()
+            self._open()
         else:
-            self._load_sharing_encoder(share_encoder_with)
+            self._open_sharing_encoder(share_encoder_with)
+
+    @classmethod
+    def open_set(cls, m: ModelSet, *, donors: Sequence[Pipeline] = (),
+                 **overrides: Any) -> tuple[Pipeline, Pipeline | None]:
+        """Open a model set (``overrides``: ContextSettings keywords over its own), borrowing the text
+        encoder of the first open donor that loads the same encoder file; returns the pipeline and the
+        donor it shares with (None: it loaded its own, also when the settings do not allow sharing)."""
+        kwargs = {**m.pipeline_kwargs(), **overrides}
+        llm = Path(m.files["llm"]) if m.files.get("llm") else None
+        same = identity(llm) if llm is not None and llm.is_file() else None
+        for donor in donors:
+            if same is not None and not donor.closed and donor.encoder_id == same:
+                try:
+                    return cls(**kwargs, share_encoder_with=donor), donor
+                except (IncompatibleModelError, InvalidArgumentError) as e:
+                    logger.warning("%s loads its own text encoder: %s", m.name or "a model set", e)
+                    break
+        return cls(**kwargs), None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def _load(self, *, defer_encoder: bool = False) -> None:
-        params = ffi.new("sd_ctx_params_t*")
-        lib.sd_ctx_params_init(params)
-        keep = []
-        for name, path in self.paths.items():
-            if path is not None:
-                keep.append(ffi.new("char[]", str(path).encode()))
-                setattr(params, "model_path" if name == "model" else f"{name}_path", keep[-1])
-        self.settings.fill(params)
+    def _open(self, *, defer_encoder: bool = False) -> None:
         deferred = [c for c, flag in ((ENCODER, self.settings.release_encoder or defer_encoder),
                                       (DIFFUSION, self.settings.release_diffusion)) if flag]
         for c in deferred:
             if self.paths[COMPONENT_FILE[c]] is None and not (c == ENCODER and defer_encoder):
                 raise InvalidArgumentError(f"releasing the {COMPONENT_NAME[c]} needs it in a file of its own "
                                            f"({COMPONENT_FILE[c]}=...)")
-        device = self._resolve_device()
-        self.weight_plan = plan_weights(self.settings.upcast, self.paths, on_cpu=self.device == "CPU",
-                                        wtype=self.settings.wtype, repack=self.settings.repack,
-                                        target=self.settings.upcast_type)
         rules = ",".join(r for r in (self.settings.tensor_type_rules, self.weight_plan.rules) if r)
-        if rules:
-            keep.append(ffi.new("char[]", rules.encode()))
-            params.tensor_type_rules = keep[-1]
-        params.vae_decode_only = not self.components.vae_has_encoder
         logger.info("weights: %s", self.weight_plan.reason)
-        self._engine.open(params, keep, defer_mask=sum(1 << c for c in deferred), device=device or "",
-                          weight_buffers=self.weight_plan.native_buffers)
-        weakref.finalize(self, self._engine.close_later)   # dropped without close(): freed on the engine thread
-        self.load_seconds = self._engine.load_seconds
+        self.load_seconds = self.engine.open(self.settings, rules=rules, defer=deferred, device=self._device or "",
+                                             vae_decode_only=not self.components.vae_has_encoder,
+                                             weight_buffers=self.weight_plan.native_buffers)
+        weakref.finalize(self, self.engine.close_later)   # dropped without close(): freed on the engine thread
         self.load_count += 1
         logger.info("loaded %s model in %.2f s", self.family, self.load_seconds)
 
-    @property
-    def upcast(self) -> WeightPlan:
-        """The weight plan (this name from before the plan covered repacking)."""
-        return self.weight_plan
+    def _open_sharing_encoder(self, other: Pipeline) -> None:
+        """Load everything but the text encoder, then borrow ``other``'s (one copy in memory,
+        loaded once)."""
+        if not isinstance(other, Pipeline):
+            raise TypeError(f"share_encoder_with must be a Pipeline, not {type(other).__name__}")
+        other._require_open()
+        if other.encoder_id != self.encoder_id or self.paths["llm"] is None:
+            raise IncompatibleModelError("only pipelines loading the same text encoder file (llm=...) can share it")
+        if self.components.llm_hidden is None or other.components.llm_hidden is None:
+            raise IncompatibleModelError("encoder sharing needs LLM-conditioned models (Z-Image, FLUX.2)")
+        differ = [n for n in SHARED_SETTINGS if getattr(self.settings, n) != getattr(other.settings, n)]
+        if self.device != other.device:
+            differ.append("device")
+        if differ:
+            raise IncompatibleModelError(f"pipelines sharing a text encoder need the same {', '.join(differ)}")
+        if self.engine.isolated or other.engine.isolated:
+            raise InvalidArgumentError("isolated pipelines cannot share a text encoder (each has its own process)")
+        self._open(defer_encoder=True)
+        self.engine.borrow_encoder(other.engine)
 
     @property
     def weights(self) -> dict[str, Any]:
         """The weight policy's plan, and each component's resident bytes per buffer now
         (``{"CPU": ..., "CPU_REPACK": ...}``; empty while released)."""
-        return self._weights(self._engine.all_buffers())
+        return self._weights(self.engine.all_buffers())
 
     def _weights(self, buffers: dict[str, str]) -> dict[str, Any]:
         out = self.weight_plan.to_dict()
@@ -165,30 +166,23 @@ class Pipeline:
         out["buffers"] = {name: parse_buffers(text) for name, text in buffers.items()}
         return out
 
-    def _resolve_device(self) -> str | None:
-        """The ggml device this context runs on (None: the engine's choice); sets ``self.device``."""
-        backends.load()
-        device = backends.resolve_device(self.settings.backend, self.settings.device)
-        self.device = device or backends.default_device()
-        return device
-
     def close(self) -> None:
         """Free the models, after the calls already running or waiting (theirs finish first).
 
         Safe to call more than once, from any thread but a progress callback. To stop
         a running generation instead of waiting for it, ``cancel()`` first."""
-        self._engine.close()
+        self.engine.close()
 
     def cancel(self) -> None:
         """Stop this pipeline's calls begun so far, from any thread: the running one within
         the graph it computes (CPU: after the current graph node), waiting ones before
         they start. Each raises :class:`Cancelled`; the pipeline stays usable and later
         calls run as usual."""
-        self._engine.cancel()
+        self.engine.cancel()
 
     @property
     def closed(self) -> bool:
-        return self._engine.closed
+        return self.engine.closed
 
     def __enter__(self) -> Pipeline:
         return self
@@ -197,22 +191,22 @@ class Pipeline:
         self.close()
 
     def _require_open(self) -> None:
-        if self._engine.closed:
+        if self.engine.closed:
             raise ClosedError("this Pipeline is closed")
 
     # -- residency ---------------------------------------------------------------------------
     @property
     def encoder_loaded(self) -> bool:
-        return self._engine.loaded(ENCODER)
+        return self.engine.loaded(ENCODER)
 
     @property
     def diffusion_loaded(self) -> bool:
-        return self._engine.loaded(DIFFUSION)
+        return self.engine.loaded(DIFFUSION)
 
     @property
     def weight_bytes(self) -> dict[str, int]:
         """Bytes of weights resident now, per component (0 while released)."""
-        return self._engine.weight_bytes()
+        return self.engine.weight_bytes()
 
     def release_encoder(self) -> None:
         """Free the text encoder's weights (reloaded from its file when next needed)."""
@@ -226,74 +220,46 @@ class Pipeline:
         if self.paths[COMPONENT_FILE[component]] is None:
             raise InvalidArgumentError(f"the {COMPONENT_NAME[component]} can be released only when it comes "
                                        f"from a file of its own ({COMPONENT_FILE[component]}=...)")
-        self._engine.release(component)
+        self.engine.release(component)
 
     @property
     def shares_encoder(self) -> bool:
-        return self._engine.sharing
+        return self.engine.sharing
 
-    def _load_sharing_encoder(self, other: Pipeline) -> None:
-        """Load everything but the text encoder, then borrow ``other``'s (one copy in memory,
-        loaded once)."""
-        if not isinstance(other, Pipeline):
-            raise TypeError(f"share_encoder_with must be a Pipeline, not {type(other).__name__}")
-        other._require_open()
-        if other.encoder_id != self.encoder_id or self.paths["llm"] is None:
-            raise IncompatibleModelError("only pipelines loading the same text encoder file (llm=...) can share it")
-        if self.components.llm_hidden is None or other.components.llm_hidden is None:
-            raise IncompatibleModelError("encoder sharing needs LLM-conditioned models (Z-Image, FLUX.2)")
-        differ = [n for n in SHARED_SETTINGS if getattr(self.settings, n) != getattr(other.settings, n)]
-        self._resolve_device()
-        if self.device != other.device:
-            differ.append("device")
-        if differ:
-            raise IncompatibleModelError(f"pipelines sharing a text encoder need the same {', '.join(differ)}")
-        self._load(defer_encoder=True)
-        self._engine.borrow_encoder(other._engine)
-
-    # -- settings ----------------------------------------------------------------------------
+    # -- the request -------------------------------------------------------------------------
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
-        """The GenerationSettings a call with these arguments would use (seed resolved)."""
+        """The request a call with these keywords makes (any :class:`GenerationSettings` field;
+        unset ones from the preset, ``seed`` resolved, the engine's sampler and scheduler filled)."""
         defaults: dict[str, Any] = dict(self.preset.generation_defaults()) if self.preset else {}
         given = {k: v for k, v in overrides.items() if v is not None}
-        merged = {**defaults, **given}
-        merged["seed"] = resolve_seed(overrides.get("seed"))
-        s = GenerationSettings(prompt=prompt, **merged)
-        s = self._with_engine_defaults(s) if s.sampler is None or s.scheduler is None else s
+        s = request(**{**defaults, **given, "prompt": prompt, "seed": resolve_seed(overrides.get("seed"))})
+        return self._complete(s)
+
+    def _complete(self, s: GenerationSettings) -> GenerationSettings:
+        """The sampler and scheduler the engine picks for this model filled in (asked once per
+        sampler: later calls need no engine call, so they never wait behind a running one)."""
+        if s.sampler is None or s.scheduler is None:
+            known = self._engine_defaults.get(s.sampler)
+            if known is None:
+                known = self._engine_defaults[s.sampler] = self.engine.default_method(s.sampler)
+            s = dataclasses.replace(s, sampler=s.sampler or known[0], scheduler=s.scheduler or known[1])
         check_schedule(s, self.family)
         return s
 
-    def _with_engine_defaults(self, s: GenerationSettings) -> GenerationSettings:
-        """Fill the sampler and scheduler the engine picks for this model (asked once per
-        sampler: later calls need no engine call, so they never wait behind a running one)."""
-        known = self._engine_defaults.get(s.sampler)
-        if known is None:
-            sampler, method = self._engine.default_sampler(s.sampler)
-            known = self._engine_defaults[s.sampler] = (sampler, self._engine.default_scheduler(method))
-        scheduler = s.scheduler if s.scheduler is not None else known[1]
-        return GenerationSettings(**{**s.to_dict(), "sampler": s.sampler or known[0], "scheduler": scheduler})
-
     # -- one-shot generation -----------------------------------------------------------------
-    def generate(self, prompt: str, *, negative_prompt: str = "", width: int | None = None,
-                 height: int | None = None, steps: int | None = None,
-                 cfg_scale: float | None = None, sampler: str | None = None,
-                 scheduler: str | None = None, seed: int | None = None, batch_count: int = 1,
-                 flow_shift: float | None = None, guidance: float | None = None,
-                 sigmas: Sequence[float] | None = None, init_image: ImageLike | None = None,
-                 strength: float | None = None, ref_images: Sequence[ImageLike] = (),
-                 vae_tiling: bool | None = None, progress: ProgressFn | None = None,
-                 preview: Preview | None = None, cancel: CancelToken | None = None) -> GenerationResult:
+    def generate(self, prompt: str, *, init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
+                 progress: ProgressFn | None = None, preview: Preview | None = None,
+                 cancel: CancelToken | None = None, **settings: Any) -> GenerationResult:
         """Text (and optionally an init image, or reference images) to image in one call.
 
-        Unset arguments take the preset's defaults; ``seed=None`` draws a random
-        63-bit seed, reported in the result. ``cancel``: a ``threading.Event`` that
-        stops the call when set (it raises :class:`Cancelled`). ``preview``: images
-        during sampling (:class:`Preview`).
+        ``settings``: any :class:`GenerationSettings` field (``negative_prompt``, ``width``,
+        ``height``, ``steps``, ``cfg_scale``, ``sampler``, ``scheduler``, ``seed``,
+        ``batch_count``, ``flow_shift``, ``guidance``, ``sigmas``, ``strength``,
+        ``vae_tiling``); unset ones take the preset's defaults, ``seed=None`` draws a random
+        63-bit seed, reported in the result. ``cancel``: a ``threading.Event`` that stops the
+        call when set (it raises :class:`Cancelled`). ``preview``: images during sampling.
         """
-        s = self.settings_for(prompt, negative_prompt=negative_prompt, width=width, height=height,
-                              steps=steps, cfg_scale=cfg_scale, sampler=sampler, scheduler=scheduler,
-                              seed=seed, batch_count=batch_count, flow_shift=flow_shift, guidance=guidance,
-                              sigmas=sigmas, strength=strength, vae_tiling=vae_tiling)
+        s = self.settings_for(prompt, **settings)
         return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress,
                                   preview=preview, cancel=cancel)
 
@@ -302,56 +268,79 @@ class Pipeline:
     def generate_with(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
                       ref_images: Sequence[ImageLike] = (), progress: ProgressFn | None = None,
                       preview: Preview | None = None, cancel: CancelToken | None = None) -> GenerationResult:
-        """Generate with fully specified settings (upstream's generate_image).
+        """Generate a complete request (upstream's generate_image).
 
         With ``release_diffusion`` the same steps run as staged calls (same pixels),
         so the text encoder and the diffusion model are never loaded together."""
         self._require_open()
-        self._check_vae_encoder(init_image, ref_images)
-        with self._engine.operation(cancel):
-            if s.sampler is None or s.scheduler is None:
-                s = self._with_engine_defaults(s)
-            check_schedule(s, self.family)
-            if self.settings.release_diffusion:
-                return self._generate_staged(s, init_image=init_image, ref_images=ref_images, progress=progress,
-                                             preview=preview)
-            params, keep = self._params(s, init_image=init_image, ref_images=ref_images)
-            images, seconds, buffers = self._engine.generate(params, keep, s.batch_count, progress=progress,
-                                                             preview=preview, token=cancel)
-            return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
-
-    def _generate_staged(self, s: GenerationSettings, *, init_image: ImageLike | None,
-                         ref_images: Sequence[ImageLike], progress: ProgressFn | None,
-                         preview: Preview | None) -> GenerationResult:
-        """generate_image's steps as staged calls: encode, (encode the init image), then per
-        image of the batch denoise with seed + i and decode."""
-        from .sweep import iter_images
-
+        self._check_inputs(init_image, ref_images)
+        check_ref_images(ref_images)
         start = time.perf_counter()
-        images = [item.image for item in iter_images(self, s, init_image=init_image, ref_images=ref_images,
-                                                     progress=progress, preview=preview)]
-        buffers = {} if self.closed else self._engine.all_buffers()   # closed by another thread since
-        return GenerationResult(images, s, s.seeds(), {"generate_s": time.perf_counter() - start},
-                                self._weights(buffers))
-
-    def _params(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
-                ref_images: Sequence[ImageLike] = ()) -> tuple[CStruct, list[Any]]:
-        params = ffi.new("sd_img_gen_params_t*")
-        lib.sd_img_gen_params_init(params)
-        keep: list[Any] = s.fill(params)
-        if init_image is not None:
-            keep.append(fill_image(params.init_image, init_image))
-        if ref_images:
-            if isinstance(ref_images, (Image.Image, np.ndarray)):
-                raise TypeError("ref_images must be a sequence of images")
-            check_ref_images(ref_images)
-            refs = ffi.new("sd_image_t[]", len(ref_images))
-            keep.append(refs)
-            keep.extend(fill_image(refs[i], im) for i, im in enumerate(ref_images))
-            params.ref_images, params.ref_images_count = refs, len(ref_images)
-        return params, keep
+        with self.engine.operation(cancel):
+            s = self._complete(s)
+            if self.settings.release_diffusion:
+                images = [item.image for item in self.images(s, init_image=init_image, ref_images=ref_images,
+                                                             progress=progress, preview=preview)]
+                buffers = {} if self.closed else self.engine.all_buffers()   # closed by another thread since
+                seconds = time.perf_counter() - start
+            else:
+                images, seconds, buffers = self.engine.generate(s, init_image, ref_images, progress=progress,
+                                                                preview=preview, token=cancel)
+        return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
 
     # -- staged generation -------------------------------------------------------------------
+    def images(self, s: GenerationSettings, *, seeds: Sequence[int] | None = None,
+               init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
+               progress: ProgressFn | None = None, preview: Preview | None = None,
+               cancel: CancelToken | None = None) -> Iterator[ImageItem]:
+        """The staged loop, one image at a time as each is decoded: the prompt encoded once
+        (cached), the init image resized to the request's size and encoded once (seeded with the
+        first seed), references fitted as sd-cli fits them, then denoise and decode per seed.
+
+        With the request's own seeds (``s.seeds()``) the images are those of ``generate_with(s)``."""
+        self._check_inputs(init_image, ref_images)
+        seeds = list(seeds) if seeds is not None else s.seeds()
+        s = self._complete(s)
+        init_pil, refs = prepare(s.width, s.height, init_image, ref_images)
+        start = time.perf_counter()
+        cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, cancel=cancel)
+        encode_s = time.perf_counter() - start
+        init = None if init_pil is None else self.encode_image(init_pil, seed=seeds[0], width=s.width,
+                                                               height=s.height, cancel=cancel)
+        for i, seed in enumerate(seeds):
+            one = s.one(seed)
+            latent = self._denoise(cond, one, init_latent=init, ref_images=refs, progress=progress, preview=preview,
+                                   cancel=cancel)
+            t0 = time.perf_counter()
+            image = self.decode(latent, vae_tiling=s.vae_tiling, cancel=cancel)
+            timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
+                       "decode_s": time.perf_counter() - t0}
+            yield ImageItem(image, one, latent, timings)
+
+    def sweep(self, prompt: str, *, negative_prompt: str = "", seeds: Sequence[int | None] = (None,),
+              steps: Sequence[int | None] = (None,), sizes: Sequence[tuple[int, int] | None] = (None,),
+              cfg_scales: Sequence[float | None] = (None,), samplers: Sequence[str | None] = (None,),
+              schedulers: Sequence[str | None] = (None,), progress: ProgressFn | None = None) -> SweepResult:
+        """An image for every combination of the given values, from one encoding of the prompt
+        (with its negative only if some cfg differs from 1)."""
+        start = time.perf_counter()
+        default_cfg = self.preset.cfg_scale if self.preset else 1.0
+        need_negative = any((c if c is not None else default_cfg) != 1.0 for c in cfg_scales)
+        cond = self.encode(prompt, negative_prompt if need_negative else None)
+        encode_s = time.perf_counter() - start
+        items = []
+        for size, n, cfg, sampler, scheduler, seed in itertools.product(
+                sizes, steps, cfg_scales, samplers, schedulers, seeds):
+            width, height = size if size is not None else (None, None)
+            s = self.settings_for(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=n,
+                                  cfg_scale=cfg, sampler=sampler, scheduler=scheduler, seed=seed)
+            latent = self._denoise(cond, s, progress=progress)
+            t0 = time.perf_counter()
+            image = self.decode(latent)
+            items.append(ImageItem(image, s, latent, {"denoise_s": latent.info["denoise_s"],
+                                                      "decode_s": time.perf_counter() - t0}))
+        return SweepResult(items, cond, {"encode_s": encode_s, "wall_s": time.perf_counter() - start})
+
     def encode(self, prompt: str, negative_prompt: str | None = None, *,
                use_cache: bool = True, cancel: CancelToken | None = None) -> Conditioning:
         """Encode a prompt (and, if given, a negative prompt) once for many denoise() calls.
@@ -366,46 +355,45 @@ class Pipeline:
             hit = self.encodings.get(key)
             if hit is not None:
                 return hit
-        s = GenerationSettings(prompt=prompt, negative_prompt=negative_prompt or "")
-        params, keep = self._params(s)
-        parts, seconds = self._engine.encode(params, keep, negative_prompt is not None, token=cancel)
+        s = request(prompt=prompt, negative_prompt=negative_prompt or "")
+        parts, seconds = self.engine.encode(s, negative_prompt is not None, token=cancel)
         cond = Conditioning(dict(parts), self.family, self.encoder_id, prompt, negative_prompt, seconds)
         if use_cache:
             self.encodings.put(key, cond)
         return cond
 
-    def denoise(self, conditioning: Conditioning, *, width: int | None = None, height: int | None = None,
-                steps: int | None = None, cfg_scale: float | None = None, sampler: str | None = None,
-                scheduler: str | None = None, seed: int | None = None, flow_shift: float | None = None,
-                guidance: float | None = None, sigmas: Sequence[float] | None = None,
-                init_latent: Latent | None = None, strength: float | None = None,
+    def denoise(self, conditioning: Conditioning, *, init_latent: Latent | None = None,
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
                 progress: ProgressFn | None = None, preview: Preview | None = None,
-                cancel: CancelToken | None = None) -> Latent:
-        """Sample one latent from a conditioning, as generate() samples it for the same seed."""
+                cancel: CancelToken | None = None, **settings: Any) -> Latent:
+        """Sample one latent from a conditioning, as generate() samples it for the same seed.
+        ``settings``: :class:`GenerationSettings` fields, as for generate()."""
         self._check_conditioning(conditioning)
-        self._check_vae_encoder(None, ref_images)
         if init_latent is not None:
             self._check_latent(init_latent)
-            width, height = width or init_latent.width, height or init_latent.height
-        with self._engine.operation(cancel):
-            s = self.settings_for(conditioning.prompt, negative_prompt=conditioning.negative_prompt or "",
-                                  width=width, height=height, steps=steps, cfg_scale=cfg_scale, sampler=sampler,
-                                  scheduler=scheduler, seed=seed, flow_shift=flow_shift, guidance=guidance,
-                                  sigmas=sigmas, strength=strength)
-            if s.cfg_scale != 1.0 and not conditioning.has_negative:
-                raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: "
-                                           "encode(prompt, negative_prompt='')")
-            params, keep = self._params(s, ref_images=ref_images)
-            if noise is not None:
-                noise = np.asarray(noise)
-                if noise.dtype.kind != "f":
-                    raise TypeError("noise must be a float array")
-                if not np.isfinite(noise).all():
-                    raise InvalidArgumentError("noise holds NaN or infinite values")
-            data, seconds = self._engine.denoise(params, keep, list(conditioning.parts.items()),
-                                                 init_latent.data if init_latent is not None else None, noise,
-                                                 progress=progress, preview=preview, token=cancel)
+            settings["width"] = settings.get("width") or init_latent.width
+            settings["height"] = settings.get("height") or init_latent.height
+        s = self.settings_for(conditioning.prompt, **{**settings, "negative_prompt": conditioning.negative_prompt})
+        return self._denoise(conditioning, s, init_latent=init_latent, noise=noise, ref_images=ref_images,
+                             progress=progress, preview=preview, cancel=cancel)
+
+    def _denoise(self, conditioning: Conditioning, s: GenerationSettings, *, init_latent: Latent | None = None,
+                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
+                 progress: ProgressFn | None = None, preview: Preview | None = None,
+                 cancel: CancelToken | None = None) -> Latent:
+        self._check_inputs(None, ref_images)
+        if s.cfg_scale != 1.0 and not conditioning.has_negative:
+            raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: encode(prompt, negative_prompt='')")
+        check_ref_images(ref_images)
+        if noise is not None:
+            noise = np.asarray(noise)
+            if noise.dtype.kind != "f":
+                raise TypeError("noise must be a float array")
+            if not np.isfinite(noise).all():
+                raise InvalidArgumentError("noise holds NaN or infinite values")
+        data, seconds = self.engine.denoise(s, list(conditioning.parts.items()),
+                                            init_latent.data if init_latent is not None else None, noise,
+                                            list(ref_images), progress=progress, preview=preview, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
                       {"settings": s, "denoise_s": seconds})
 
@@ -425,33 +413,18 @@ class Pipeline:
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError("output_type must be 'pil' or 'np'")
         self._check_latent(latent)
-        s = GenerationSettings(prompt="", width=latent.width, height=latent.height, vae_tiling=vae_tiling)
-        params, keep = self._params(s)
-        pil = self._engine.decode(params, keep, latent.data, token=cancel)
+        s = request(prompt="", width=latent.width, height=latent.height, vae_tiling=vae_tiling)
+        pil = self.engine.decode(s, latent.data, token=cancel)
         return pil if output_type == "pil" else np.asarray(pil)
 
     def encode_image(self, image: ImageLike, *, seed: int = 0, width: int | None = None,
                      height: int | None = None, cancel: CancelToken | None = None) -> Latent:
         """Image to latent (the VAE encoder), seeded as generate() seeds an init image's encoding."""
         pil = as_pil(image)
-        self._check_vae_encoder(pil, ())
-        s = GenerationSettings(prompt="", width=width or pil.width, height=height or pil.height,
-                               seed=resolve_seed(seed))
-        params, keep = self._params(s)
-        sd_image = ffi.new("sd_image_t*")
-        keep.append(fill_image(sd_image[0], pil))
-        keep.append(sd_image)
-        data = self._engine.encode_image(params, keep, sd_image, token=cancel)
+        self._check_inputs(pil, ())
+        s = request(prompt="", width=width or pil.width, height=height or pil.height, seed=resolve_seed(seed))
+        data = self.engine.encode_image(s, pil, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
-
-    def sweep(self, prompt: str, **grid: Any) -> SweepResult:
-        """Images for every combination of the given values, one encoding per prompt.
-
-        See :func:`sdcpp_py.sweep.sweep` for the arguments.
-        """
-        from .sweep import sweep
-
-        return sweep(self, prompt, **grid)
 
     # -- checks ----------------------------------------------------------------------------
     def _check_conditioning(self, c: Conditioning) -> None:
@@ -462,7 +435,9 @@ class Pipeline:
     def _check_latent(self, latent: Latent) -> None:
         check_latent(latent, self.family)
 
-    def _check_vae_encoder(self, init_image: ImageLike | None, ref_images: Sequence[ImageLike]) -> None:
+    def _check_inputs(self, init_image: ImageLike | None, ref_images: Sequence[ImageLike]) -> None:
+        if isinstance(ref_images, (Image.Image, np.ndarray)):
+            raise TypeError("ref_images must be a sequence of images")
         if not self.components.vae_has_encoder and (init_image is not None or ref_images):
             what = "an init image (img2img)" if init_image is not None else "reference images"
             raise InvalidArgumentError(f"{what} needs the VAE encoder, and {self.paths['vae'] or self.paths['model']} "
@@ -470,8 +445,8 @@ class Pipeline:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
-        device = getattr(self, "device", None)
-        return f"<Pipeline {self.family} {state} device={device} threads={self.settings.n_threads}>"
+        where = ", isolated" if self.engine.isolated else ""
+        return f"<Pipeline {self.family} {state}{where} device={self.device} threads={self.settings.n_threads}>"
 
 
 def _path(p: PathLike | None) -> Path | None:
@@ -480,10 +455,3 @@ def _path(p: PathLike | None) -> Path | None:
     if not isinstance(p, (str, Path)):
         raise TypeError(f"model paths must be str or Path, not {type(p).__name__}")
     return Path(p).expanduser().resolve()
-
-
-def _file_identity(p: Path | None) -> str:
-    if p is None:
-        return "none"
-    st = p.stat()
-    return f"{p.name}:{hashlib.sha1(f'{p}:{st.st_size}:{st.st_mtime_ns}'.encode()).hexdigest()[:12]}"

@@ -4,8 +4,6 @@ contexts sharing one text encoder."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ._ffi import lib
 from ._lib_types import SdCtx
 from ._marshal import check
@@ -16,14 +14,6 @@ COMPONENT_NAME = {ENCODER: "text encoder", DIFFUSION: "diffusion model"}
 # settings that decide where and in which form a text encoder lives: pipelines
 # sharing one must agree on them (an encoder in Vulkan memory cannot run on the CPU)
 SHARED_SETTINGS = ("wtype", "keep_clip_on_cpu", "offload_params_to_cpu", "enable_mmap")
-
-
-def file_stamp(path: Path | None) -> tuple[int, int] | None:
-    """What tells a file apart from a replaced one: size and modification time."""
-    if path is None:
-        return None
-    st = path.stat()
-    return (st.st_size, st.st_mtime_ns)
 
 
 class ContextHandle:

@@ -1,43 +1,50 @@
-"""Settings as frozen dataclasses, validated in Python and written into the
-engine's structs after its own ``*_init()`` has filled them."""
+"""The values a generation is made of, as frozen dataclasses checked in Python.
+
+:class:`GenerationSettings` is *the request*: built once at the public edge (keywords,
+a CLI flag, a JSON line, an HTTP body, a grid row) and handed unchanged to the Engine,
+whose marshalling (``_marshal``) writes it into the engine's structs. Every face reads
+its own format through :func:`parse_request`, which takes the keys and types from the
+dataclass's fields, so adding a parameter is a field here, its marshalling and (where
+sd-cli has one) a CLI flag. This module needs no native library.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import secrets
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._ffi import ffi, lib, string
-from ._lib_types import CharP, CStruct
+import numpy as np
+
 from .errors import InvalidArgumentError
 from .weights import REPACK_CHOICES, UPCAST_CHOICES, UPCAST_TYPES
 
+ProgressFn = Callable[[int, int, float], None]      # (step, steps, seconds per step)
+PreviewFn = Callable[[int, np.ndarray], None]      # (step, uint8 image of shape (H, W, 3))
 MAX_SIDE = 4096                 # pixels per side
 MAX_PIXELS = 4096 * 4096        # per image
 MAX_STEPS = 1000
 MAX_BATCH = 64
 SEED_RANGE = (0, 2**63 - 1)
 
-
-def _names(count: int, name_fn: Callable[[int], CharP]) -> tuple[str, ...]:
-    return tuple(string(name_fn(i)) for i in range(count))
-
-
-SAMPLERS: tuple[str, ...] = _names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
-SCHEDULERS: tuple[str, ...] = _names(lib.SCHEDULER_COUNT, lib.sd_scheduler_name)
-RNG_TYPES: tuple[str, ...] = _names(lib.RNG_TYPE_COUNT, lib.sd_rng_type_name)
-# Weight types the engine can convert any weight to at load (wtype, tensor_type_rules):
-# float types and the quantizations ggml makes without an importance matrix. Others
-# that ggml names (integer types, q8_1/q8_K, the IQ family) divide by zero or fail an
-# assert in the conversion, which aborts the process.
-_CONVERTIBLE = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0",
-                "q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
-WEIGHT_TYPES: tuple[str, ...] = tuple(
-    n for n in _names(lib.SD_TYPE_COUNT, lib.sd_type_name) if n in _CONVERTIBLE)
+# The engine's names, in its enum order (tests/test_lib_types.py checks them against the library).
+SAMPLERS = ("euler", "euler_a", "heun", "dpm2", "dpm++2s_a", "dpm++2m", "dpm++2mv2", "ipndm", "ipndm_v", "lcm",
+            "ddim_trailing", "tcd", "res_multistep", "res_2s", "er_sde")
+SCHEDULERS = ("discrete", "karras", "exponential", "ays", "gits", "sgm_uniform", "simple", "smoothstep",
+              "kl_optimal", "lcm", "bong_tangent")
+RNG_TYPES = ("std_default", "cuda", "cpu")
+# Weight types the engine can convert any weight to at load (wtype, tensor_type_rules): float
+# types and the quantizations ggml makes without an importance matrix. Others that ggml names
+# (integer types, q8_1/q8_K, the IQ family) divide by zero or fail an assert in the conversion.
+WEIGHT_TYPES = ("f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K",
+                "bf16")
 
 
 def _choice(what: str, value: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -78,9 +85,9 @@ def default_threads() -> int:
 
 
 # boolean fields of ContextSettings that are sd_ctx_params_t fields of the same name
-_ENGINE_FLAGS = ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
-                 "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
-                 "tae_preview_only")
+ENGINE_FLAGS = ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
+                "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
+                "tae_preview_only")
 
 
 @dataclass(frozen=True)
@@ -126,23 +133,38 @@ class ContextSettings:
         if self.device is not None and (isinstance(self.device, bool) or not isinstance(self.device, (int, str))):
             raise TypeError("device must be an int index, a device name or None")
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
-        for name in _ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
+        for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
 
-    def fill(self, p: CStruct) -> None:
-        """Write into an ``sd_ctx_params_t*`` that ``sd_ctx_params_init`` filled."""
-        p.n_threads = self.n_threads
-        if self.wtype is not None:
-            p.wtype = lib.str_to_sd_type(self.wtype.encode())
-        p.rng_type = lib.str_to_rng_type(self.rng.encode())
-        if self.sampler_rng is not None:
-            p.sampler_rng_type = lib.str_to_rng_type(self.sampler_rng.encode())
-        for name in _ENGINE_FLAGS:
-            setattr(p, name, getattr(self, name))
-        # A resident context serves many calls and img2img: keep everything loaded.
-        p.free_params_immediately = False
-        p.vae_decode_only = False
+
+PREVIEW_MODES = ("proj", "tae", "vae")
+
+
+@dataclass(frozen=True)
+class Preview:
+    """Preview images during sampling: ``fn(step, image)`` with an ``uint8`` (H, W, 3) array.
+
+    ``mode``: "proj" (a linear projection of the latent: nearly free, low detail),
+    "tae" (the tiny autoencoder: needs a ``taesd`` file) or "vae" (the full VAE:
+    as slow as a decode). ``interval``: every how many steps ``fn`` is called (the pinned
+    engine makes a preview at every step regardless). ``noisy``: preview the model's
+    noisy input instead of its denoised estimate. An exception from ``fn`` stops
+    the call, as one from a progress callback does.
+    """
+
+    fn: PreviewFn
+    mode: str = "proj"
+    interval: int = 1
+    noisy: bool = False
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError("Preview.fn must be a callable(step, image)")
+        if self.mode not in PREVIEW_MODES:
+            raise InvalidArgumentError(f"preview mode {self.mode!r}: one of {', '.join(PREVIEW_MODES)}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise TypeError("Preview.interval must be an int >= 1")
 
 
 def check_type_rules(rules: Any) -> str:
@@ -171,7 +193,7 @@ def resolve_seed(seed: int | None) -> int:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Everything one generation used; ``seed`` is the first image's seed."""
+    """The request: everything one generation uses; ``seed`` is the first image's seed."""
 
     prompt: str
     negative_prompt: str = ""
@@ -233,30 +255,74 @@ class GenerationSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def fill(self, p: CStruct) -> list[Any]:
-        """Write into an ``sd_img_gen_params_t*`` that ``sd_img_gen_params_init`` filled.
+    def one(self, seed: int) -> GenerationSettings:
+        """The request of one image of this one's batch."""
+        return dataclasses.replace(self, seed=seed, batch_count=1)
 
-        The string buffers must outlive the call: they are returned to the caller.
-        """
-        keep = [ffi.new("char[]", self.prompt.encode()), ffi.new("char[]", self.negative_prompt.encode())]
-        p.prompt, p.negative_prompt = keep
-        p.width, p.height = self.width, self.height
-        p.seed = self.seed
-        p.batch_count = self.batch_count
-        s = p.sample_params
-        s.sample_steps = self.steps
-        s.guidance.txt_cfg = self.cfg_scale
-        if self.guidance is not None:
-            s.guidance.distilled_guidance = self.guidance
-        if self.sampler is not None:
-            s.sample_method = lib.str_to_sample_method(self.sampler.encode())
-        if self.scheduler is not None:
-            s.scheduler = lib.str_to_scheduler(self.scheduler.encode())
-        if self.flow_shift is not None:
-            s.flow_shift = self.flow_shift
-        if self.sigmas is not None:
-            keep.append(ffi.new("float[]", list(self.sigmas)))
-            s.custom_sigmas, s.custom_sigmas_count = keep[-1], len(self.sigmas)
-        p.strength = self.strength
-        p.vae_tiling_params.enabled = self.vae_tiling
-        return keep
+
+# The request class every face builds through (a test may put a subclass with one more field here).
+REQUEST: type[GenerationSettings] = GenerationSettings
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def request(**values: Any) -> GenerationSettings:
+    """A request from keywords (``InvalidArgumentError``/``TypeError`` for bad ones)."""
+    return REQUEST(**values)
+
+
+def request_fields() -> dict[str, Any]:
+    """The request's field names and their value types (``Optional`` unwrapped)."""
+    hints = typing.get_type_hints(REQUEST)
+    out = {}
+    for f in dataclasses.fields(REQUEST):
+        kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+            kind = args[0]
+        out[f.name] = kind
+    return out
+
+
+def _from_text(name: str, kind: Any, text: str) -> Any:
+    try:
+        if kind is bool:
+            if text.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError(text)
+            return text.strip().lower() in _TRUE
+        if kind is int:
+            t = text.strip()
+            if not (t.isascii() and t.lstrip("+-").isdigit() and len(t) <= 20):   # no '²', no 5000 digits
+                raise ValueError(text)
+            return int(t)
+        if kind is float:
+            return float(text)
+        if typing.get_origin(kind) is tuple:
+            return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidArgumentError(f"{name}: not a valid {getattr(kind, '__name__', 'value')}: {text[:40]!r}") from None
+    return text
+
+
+def parse_request(values: Mapping[str, Any], *, where: str = "request", text: bool = False,
+                  aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Request keywords from a face's mapping: each key a field of the request (or an alias of
+    one), unset values (None, a table's NaN) dropped, whole floats of int fields made ints, lists
+    made tuples, and with ``text`` strings read as the field's type (forms, flags). Values are
+    checked when the request is built from them."""
+    kinds = request_fields()
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = (aliases or {}).get(key, key)
+        if name not in kinds:
+            raise InvalidArgumentError(f"{where}: unknown key {key!r} (known: {', '.join(kinds)})")
+        kind = kinds[name]
+        if value is None or (isinstance(value, float) and value != value):
+            continue
+        if text and isinstance(value, str) and kind is not str:
+            value = _from_text(name, kind, value)
+        elif kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        out[name] = value
+    return out

@@ -1,4 +1,5 @@
-"""The values staged generation passes between its calls, owned by Python.
+"""The values a Pipeline hands back, owned by Python: results, and what staged calls pass
+between them.
 
 A :class:`Conditioning` is a text encoding (numpy arrays, the family and the
 encoder that made it); a :class:`Latent` is a denoised (or VAE-encoded) latent.
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .errors import SdcppError
+from .settings import GenerationSettings
 
 PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
 POSITIVE, NEGATIVE = 0, 1
@@ -95,3 +98,49 @@ class Latent:
     @property
     def height(self) -> int:
         return int(self.data.shape[-2]) * self.scale
+
+
+@dataclass
+class GenerationResult:
+    """Images of one call, the request that made them and where the time went."""
+
+    images: list[Image.Image]
+    settings: GenerationSettings
+    seeds: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)   # the weight policy's plan and buffers
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+    @property
+    def arrays(self) -> list[np.ndarray]:
+        """The images as ``uint8`` arrays of shape (height, width, channels)."""
+        return [np.asarray(im) for im in self.images]
+
+
+@dataclass
+class ImageItem:
+    """One image of the staged loop (``Pipeline.images``, ``Pipeline.sweep``): its request (a
+    batch of one, its own seed), its latent and where the time went."""
+
+    image: Image.Image
+    settings: GenerationSettings
+    latent: Latent
+    timings: dict[str, float]
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+
+@dataclass
+class SweepResult:
+    items: list[ImageItem]
+    conditioning: Conditioning
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [i.image for i in self.items]

@@ -108,16 +108,6 @@ class CpuKernels:
         return None
 
 
-def cpu_kernels() -> CpuKernels:
-    """The loaded CPU module's kernels (loads the backends)."""
-    from . import backends
-    from ._ffi import ffi, lib
-    variant = backends.load()
-    on = frozenset(k for k, v in backends.cpu_features().items() if v not in ("0", ""))
-    names = ffi.string(lib.sdcpp_cpu_weight_buffer_types()).decode()
-    return CpuKernels(variant, on, tuple(n for n in names.split(",") if n))
-
-
 def total_memory() -> int | None:
     """MemTotal from /proc/meminfo (the machine, not what is free now), in bytes."""
     try:
@@ -204,11 +194,10 @@ def rules_for(components: Sequence[str], target: str = "f16") -> str:
 def plan_weights(policy: str, paths: dict[str, Path | None], *, on_cpu: bool, wtype: str | None,
                  repack: str = "auto", target: str = "auto", kernels: CpuKernels | None = None,
                  memory: int | None = None) -> WeightPlan:
-    """Decide what ``policy`` means for these files on this machine (deterministic)."""
+    """Decide what ``policy`` means for these files on this machine (deterministic); ``kernels``: the
+    loaded CPU module's (``backends.cpu_kernels()``), None for a GPU backend."""
     files = {role: inspect(p) for role, p in paths.items() if p is not None}
     comp_file = {c: next((files[r] for r in roles if r in files), None) for c, roles in COMPONENT_FILES.items()}
-    if kernels is None and on_cpu:
-        kernels = cpu_kernels()
     buffers = NATIVE_BUFFERS[repack] if on_cpu else ""
     if target == "auto":
         target = "bf16" if kernels is not None and kernels.native_bf16 else "f16"

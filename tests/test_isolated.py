@@ -30,7 +30,7 @@ def reference(pipelines):
 
 def test_isolated_pipeline_makes_the_in_process_pixels(isolated, pipelines, reference):
     assert isinstance(isolated, Pipeline) and isolated.family == "z-image"
-    assert isolated.worker_pid not in (None, os.getpid())
+    assert isolated.engine.pid not in (None, os.getpid())
     steps = []
     result = isolated.generate("a quiet harbour", progress=lambda s, n, t: steps.append(s), **GEN)
     assert np.array_equal(np.asarray(result.image), reference) and steps[-1] == 2
@@ -44,26 +44,26 @@ def test_isolated_pipeline_makes_the_in_process_pixels(isolated, pipelines, refe
 
 
 def test_bad_input_raises_in_the_parent_and_the_worker_stays(isolated, reference):
-    pid = isolated.worker_pid
+    pid = isolated.engine.pid
     with pytest.raises(InvalidArgumentError):
         isolated.generate("a quiet harbour", width=100, height=128, steps=2)
-    assert isolated.worker_pid == pid
+    assert isolated.engine.pid == pid
     assert np.array_equal(np.asarray(isolated.generate("a quiet harbour", **GEN).image), reference)
 
 
 def test_an_engine_abort_raises_engine_crashed_and_the_next_call_recovers(isolated, reference):
-    pid, starts = isolated.worker_pid, isolated.worker_starts
+    pid, starts = isolated.engine.pid, isolated.engine.starts
     with pytest.raises(EngineCrashed) as e:
-        isolated._crash_for_test()
+        isolated.engine.crash_for_test()
     assert "signal 6" in str(e.value) and "sdcpp_test_abort" in str(e.value)
     result = isolated.generate("a quiet harbour", **GEN)          # a new worker, models reloaded
     assert np.array_equal(np.asarray(result.image), reference)
-    assert isolated.worker_starts == starts + 1 and isolated.worker_pid != pid
+    assert isolated.engine.starts == starts + 1 and isolated.engine.pid != pid
 
 
 def test_cancel_and_ctrl_c_reach_the_worker(isolated, reference, sigint_raises):
     latent = isolated.denoise(isolated.encode("a quiet harbour"), width=512, height=512, steps=1, seed=1)
-    pid = isolated.worker_pid
+    pid = isolated.engine.pid
     timer = threading.Timer(0.8, isolated.cancel)
     timer.start()
     start = time.perf_counter()
@@ -79,14 +79,14 @@ def test_cancel_and_ctrl_c_reach_the_worker(isolated, reference, sigint_raises):
     threading.Timer(0.8, token.set).start()
     with pytest.raises(Cancelled):
         isolated.decode(latent, cancel=token)
-    assert isolated.worker_pid == pid                            # stopped, not killed
+    assert isolated.engine.pid == pid                            # stopped, not killed
     assert np.array_equal(np.asarray(isolated.generate("a quiet harbour", **GEN).image), reference)
 
 
 def test_closed_isolated_pipeline_refuses_calls(tiny_sets):
     m = tiny_sets["flux2-klein"]
     p = Pipeline(diffusion_model=m.diffusion_model, llm=m.llm, vae=m.vae, n_threads=2, isolate=True)
-    process = p._worker.process
+    process = p.engine.worker.process
     p.close()
     p.close()
     assert p.closed and process.poll() is not None

@@ -253,12 +253,17 @@ def test_two_models_share_one_encoder(tiny_sets, pipelines):
 
 def test_sharing_needs_the_same_encoder_file(tiny_sets, tmp_path):
     z, k = tiny_sets["z-image-turbo"], tiny_sets["flux2-klein"]
-    copy = tmp_path / "other-llm.gguf"
-    copy.write_bytes(k.llm.read_bytes())
+    copy, other = tmp_path / "same-llm.gguf", tmp_path / "other-llm.gguf"
+    data = bytearray(z.llm.read_bytes())
+    copy.write_bytes(data)                      # the same weights under another name: one encoder
+    data[-1] ^= 1
+    other.write_bytes(data)                     # other weights (one byte), the same header
     with Pipeline(diffusion_model=z.diffusion_model, llm=z.llm, vae=z.vae) as zp:
         with pytest.raises(IncompatibleModelError, match="same text encoder"):
-            Pipeline(diffusion_model=k.diffusion_model, llm=copy, vae=k.vae, share_encoder_with=zp)
+            Pipeline(diffusion_model=k.diffusion_model, llm=other, vae=k.vae, share_encoder_with=zp)
         assert zp.encoder_loaded
+        with Pipeline(diffusion_model=k.diffusion_model, llm=copy, vae=k.vae, share_encoder_with=zp) as kp:
+            assert kp.shares_encoder and zp.shares_encoder
 
 
 def test_sharing_needs_the_same_placement(tiny_sets):

@@ -9,7 +9,8 @@ import sdcpp_py
 from sdcpp_py import Pipeline
 from sdcpp_py.modelfile import inspect
 from sdcpp_py.synthetic import write_model_set
-from sdcpp_py.weights import CpuKernels, cpu_kernels, growth, plan_weights
+from sdcpp_py.backends import cpu_kernels
+from sdcpp_py.weights import CpuKernels, growth, plan_weights
 
 GIB = 1 << 30
 ZEN4 = CpuKernels("zen4", frozenset({"AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16"}), ("CPU_REPACK",))

@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..settings import resolve_seed
+from ..errors import InvalidArgumentError
+from ..settings import parse_request, request_fields, resolve_seed
 from .sdcli import CliError
 
-# Per-line keys of a JSON prompt file and the generate() argument each sets.
-LINE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
-             "steps": "steps", "cfg_scale": "cfg_scale", "sampling_method": "sampler", "sampler": "sampler",
-             "scheduler": "scheduler", "flow_shift": "flow_shift", "guidance": "guidance", "sigmas": "sigmas",
-             "strength": "strength", "vae_tiling": "vae_tiling", "seed": "seed", "seeds": "seeds",
-             "batch_count": "batch_count", "init_img": "init_img", "ref_images": "ref_images", "output": "output"}
+# A JSON line's keys: every request field (sd-cli's spelling of one as an alias), and the line's own.
+LINE_ALIASES = {"sampling_method": "sampler"}
+LINE_OWN = ("seeds", "init_img", "ref_images", "output")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _PRINTF = re.compile(r"(?:[^%]|^)(?:%%)*(%\d{0,3}d)")
 
@@ -94,13 +92,13 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CliError(f"--prompt-file line {number}: bad JSON ({e.msg})") from None
-            unknown = sorted(set(item) - set(LINE_KEYS))
-            if unknown:
-                raise CliError(f"--prompt-file line {number}: unknown key {unknown[0]!r} "
-                               f"(known: {', '.join(sorted(LINE_KEYS))})")
-            if not isinstance(item.get("prompt"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                 raise CliError(f"--prompt-file line {number}: needs a \"prompt\" string")
-            lines.append({LINE_KEYS[k]: v for k, v in item.items()} | {"line": number})
+            known = [*request_fields(), *LINE_ALIASES, *LINE_OWN]
+            unknown = sorted(set(item) - set(known))
+            if unknown:
+                raise CliError(f"--prompt-file line {number}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
+            lines.append({LINE_ALIASES.get(str(k), str(k)): v for k, v in item.items()} | {"line": number})
         else:
             lines.append({"prompt": line, "line": number})
     if not lines:
@@ -128,10 +126,15 @@ def make_jobs(lines: Sequence[dict[str, Any]], seeds: list[int], negative_prompt
             count = item.pop("batch_count")
             line_seeds = [seeds[0] + k for k in range(count)] if isinstance(count, int) else seeds
         refs = item.pop("ref_images", ref_images)
-        jobs.append(Job(prompt=item.pop("prompt"), negative_prompt=item.pop("negative_prompt", negative_prompt),
-                        seeds=list(line_seeds), prompt_index=i, init_img=item.pop("init_img", init_img),
-                        ref_images=list(refs) if isinstance(refs, list) else [refs], output=item.pop("output", None),
-                        overrides=item))
+        prompt, negative = item.pop("prompt"), item.pop("negative_prompt", negative_prompt)
+        init, output = item.pop("init_img", init_img), item.pop("output", None)
+        try:
+            overrides = parse_request(item, where=f"--prompt-file line {number}")
+        except InvalidArgumentError as e:
+            raise CliError(str(e)) from None
+        jobs.append(Job(prompt=prompt, negative_prompt=negative, seeds=list(line_seeds), prompt_index=i,
+                        init_img=init, ref_images=list(refs) if isinstance(refs, list) else [refs], output=output,
+                        overrides=overrides))
     return jobs
 
 

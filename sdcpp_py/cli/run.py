@@ -21,13 +21,13 @@ import numpy as np
 from PIL import Image
 
 from .. import Preview
-from ..checks import fit_reference
+from .._images import size_of
+from ..fileid import file_hash
 from ..metadata import ImageParameters, image_parameters, read_parameters, save_png
 from ..pipeline import Pipeline
-from ..settings import ContextSettings
-from ..sweep import iter_images
+from ..settings import ContextSettings, parse_request
 from .jobs import Job, OutputNames, make_jobs, parse_seeds, read_prompt_file
-from .sdcli import SD_CLI_DEFAULT_SEED, CliError, context_settings
+from .sdcli import PER_JOB, SD_CLI_DEFAULT_SEED, CliError, context_settings, model_files, request_flags
 
 logger = logging.getLogger("sdcpp_py.cli")
 
@@ -64,21 +64,6 @@ class StepBars:
             self.bar = None
 
 
-def _generation_overrides(args: argparse.Namespace, stored: ImageParameters | None) -> dict[str, Any]:
-    """generate() keywords from the flags, the stored image's settings filling the rest."""
-    flags = {"width": args.width, "height": args.height, "steps": args.steps, "cfg_scale": args.cfg_scale,
-             "sampler": args.sampling_method, "scheduler": args.scheduler, "flow_shift": args.flow_shift,
-             "guidance": args.guidance, "sigmas": args.sigmas, "strength": args.strength,
-             "vae_tiling": True if args.vae_tiling else None}
-    if stored is not None:
-        s = stored.settings
-        base = {"width": s.width, "height": s.height, "steps": s.steps, "cfg_scale": s.cfg_scale,
-                "sampler": s.sampler, "scheduler": s.scheduler, "flow_shift": s.flow_shift, "guidance": s.guidance,
-                "sigmas": s.sigmas, "strength": s.strength, "vae_tiling": s.vae_tiling or None}
-        flags = {k: v if v is not None else base.get(k) for k, v in flags.items()}
-    return {k: v for k, v in flags.items() if v is not None}
-
-
 def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]:
     default_seed = stored.settings.seed if stored is not None else SD_CLI_DEFAULT_SEED
     seeds = parse_seeds(args.seeds, args.seed_range, args.seed, args.batch_count, default_seed)
@@ -93,7 +78,9 @@ def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]
         lines = [{"prompt": prompt}]
     negative = args.negative_prompt if args.negative_prompt is not None else (
         stored.settings.negative_prompt if stored else "")
-    base = _generation_overrides(args, stored)
+    # the flags' request fields, the stored image's settings filling what they leave unset
+    stored_settings = {k: v for k, v in stored.settings.to_dict().items() if k not in PER_JOB} if stored else {}
+    base = {**parse_request(stored_settings), **request_flags(args)}
     jobs = make_jobs(lines, seeds, negative, args.init_img, list(args.ref_image))
     for job in jobs:
         job.overrides = {**base, **job.overrides}
@@ -126,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     preview = _preview(args)
     pipe: Pipeline | None = None
     try:
-        pipe = Pipeline(model=args.model, diffusion_model=args.diffusion_model, llm=args.llm, vae=args.vae,
-                        taesd=args.taesd, preset=args.preset, settings=settings)
+        files: dict[str, Any] = model_files(args)
+        pipe = Pipeline(**files, preset=args.preset, settings=settings)
         if stored is not None and stored.hashes and not args.disable_image_metadata:
             _check_hashes(pipe, stored)
         weights = pipe.weights
@@ -140,18 +127,14 @@ def run(args: argparse.Namespace) -> int:
             source = init or (refs[0] if refs else None)
             if source is not None and "width" not in overrides and "height" not in overrides:
                 # sd-cli: the size of the init image (else the first reference), in multiples of 16
-                overrides["width"], overrides["height"] = (max(16, v // 16 * 16) for v in source.size)
+                overrides["width"], overrides["height"] = size_of(source)
             s = pipe.settings_for(job.prompt, negative_prompt=job.negative_prompt, seed=job.seeds[0], **overrides)
-            if init is not None and init.size != (s.width, s.height):
-                init = init.resize((s.width, s.height), Image.Resampling.LANCZOS)
-            refs = [fit_reference(r, s.width, s.height) for r in refs]     # sd-cli's auto-resize
             # -s/-b encode an init image once with the first seed (sd-cli's batch); --seeds and
             # --seed-range make each image as generate(seed=...) makes it, so one seed at a time
             per_seed = init is not None and (args.seeds is not None or args.seed_range is not None)
             groups = [[seed] for seed in job.seeds] if per_seed else [job.seeds]
             for seeds in groups:
-                items = iter_images(pipe, s, seeds=seeds, init_image=init, ref_images=refs, progress=bars,
-                                    preview=preview)
+                items = pipe.images(s, seeds=seeds, init_image=init, ref_images=refs, progress=bars, preview=preview)
                 for item in items:
                     bars.close()
                     path = names.name(index, job, item.seed, item.settings)
@@ -195,8 +178,6 @@ def _preview(args: argparse.Namespace) -> Preview | None:
 
 
 def _check_hashes(pipe: Pipeline, stored: ImageParameters) -> None:
-    from ..metadata import file_hash
-
     for role, digest in stored.hashes.items():
         p = pipe.paths.get(role)
         if p is not None and file_hash(p) != digest:

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..modelset import MODEL_FILES
+from ..settings import parse_request, request_fields
+
 SD_CLI_DEFAULT_SEED = 42
 
 # sd-cli flags we know and refuse: the engine runs them, sdcpp-py does not offer them yet.
@@ -119,10 +122,11 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     gen.add_argument("--flow-shift", type=float, help="shift value for flow models (default: auto)")
     gen.add_argument("--strength", type=float, help="strength for noising/unnoising (default 0.75)")
     gen.add_argument("--disable-image-metadata", action="store_true", help="no generation metadata in the PNG")
-    gen.add_argument("--vae-tiling", action="store_true", help="process the VAE in tiles to reduce memory")
+    gen.add_argument("--vae-tiling", action="store_true", default=None,
+                     help="process the VAE in tiles to reduce memory")
     gen.add_argument("-s", "--seed", type=int,
                      help="RNG seed (default 42, random for < 0)")
-    gen.add_argument("--sampling-method", help="sampling method (euler, euler_a, heun, dpm++2m, ...)")
+    gen.add_argument("--sampling-method", dest="sampler", metavar="SAMPLING_METHOD", help="sampling method (euler, euler_a, heun, dpm++2m, ...)")
     gen.add_argument("--scheduler", help="denoiser sigma scheduler (discrete, karras, simple, ...)")
     gen.add_argument("--sigmas", type=_csv_floats, help='custom sigmas, comma-separated ("1.0,0.5,0.0")')
     gen.add_argument("-r", "--ref-image", action="append", default=[],
@@ -164,6 +168,21 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> arg
     if args.batch_count < 1:
         raise CliError("--batch-count must be >= 1")
     return args
+
+
+# request fields a command line sets per prompt or per image, not as a flag of the run
+PER_JOB = ("prompt", "negative_prompt", "seed", "batch_count")
+
+
+def request_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields the flags set (every flag whose dest is a request field; PER_JOB aside)."""
+    given = {k: getattr(args, k) for k in request_fields() if k not in PER_JOB and hasattr(args, k)}
+    return parse_request(given, where="flags")
+
+
+def model_files(args: argparse.Namespace) -> dict[str, str]:
+    """The model files the flags name, as absolute paths."""
+    return {k: str(Path(v).expanduser().resolve()) for k in MODEL_FILES if (v := getattr(args, k, None))}
 
 
 def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .sdcli import CliError, build_parser, context_settings, parse
+from .sdcli import CliError, build_parser, context_settings, model_files, parse
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_command(argv: list[str]) -> int:
-    from ..server import Limits, ModelEntry, ServerConfig, load_config, serve
+    from ..server import Limits, ServerConfig, load_config, model_set, serve
 
     args = parse(argv, serve_parser())
     if args.config is not None:
@@ -44,10 +44,8 @@ def serve_command(argv: list[str]) -> int:
     else:
         if not (args.model or args.diffusion_model):
             raise CliError("give the model files (--diffusion-model, --llm, --vae, or -m) or --config FILE")
-        files = {k: str(Path(v).expanduser().resolve()) for k, v in
-                 (("model", args.model), ("diffusion_model", args.diffusion_model), ("llm", args.llm),
-                  ("vae", args.vae), ("taesd", args.taesd)) if v}
-        entries = [ModelEntry(args.name or "", files, args.preset, context_settings(args))]
+        entries = [model_set(args.name or "", {**model_files(args), "settings": context_settings(args),
+                                               "preset": args.preset})]
         limits = Limits()
     overrides = {"max_n": args.max_n, "max_pixels": args.max_pixels, "max_steps": args.max_steps,
                  "max_queue": args.max_queue, "result_ttl_s": args.result_ttl,

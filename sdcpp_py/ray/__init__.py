@@ -30,7 +30,8 @@ from typing import Any
 
 from ..batch import OutputDir, RowOutput, RowWorker, SweepReport, group_by_prompt, pending
 from ..errors import InvalidArgumentError, SdcppError
-from ..grid import Grid, ModelSet, Row, rows_from_table
+from ..grid import Grid, Row, rows_from_table
+from ..modelset import ModelSet
 
 logger = logging.getLogger("sdcpp_py")
 __all__ = ["SweepActor", "run_grid", "run_table"]

@@ -15,12 +15,14 @@ import sys
 import threading
 from typing import Any
 
-from .config import Limits, ModelEntry, ServerConfig, load_config
+from ..modelset import ModelSet, model_set
+from ..settings import SAMPLERS
+from .config import Limits, ServerConfig, load_config
 from .registry import Registry
 
 logger = logging.getLogger("sdcpp_py.server")
 
-__all__ = ["Limits", "ModelEntry", "ServerConfig", "Registry", "load_config", "create_app", "serve"]
+__all__ = ["Limits", "ModelSet", "model_set", "ServerConfig", "Registry", "load_config", "create_app", "serve"]
 
 
 def create_app(registry: Registry, config: ServerConfig) -> Any:
@@ -31,8 +33,6 @@ def create_app(registry: Registry, config: ServerConfig) -> Any:
 
 def warm(registry: Registry) -> None:
     """Ask each model's engine defaults once (sampler -> scheduler), so requests never wait for them."""
-    from ..settings import SAMPLERS
-
     for served in registry.models.values():
         for sampler in (None, *SAMPLERS):
             try:

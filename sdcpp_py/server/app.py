@@ -21,15 +21,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..checks import fit_reference
+from .._images import size_of
 from ..errors import InvalidArgumentError
 from ..families import FLUX2_DEV, FLUX2_KLEIN
-from ..settings import GenerationSettings
+from ..settings import GenerationSettings, parse_request, request_fields
 from .config import Limits, ServerConfig
 from .jobs import FINAL, Expired, Job, JobManager, QueueFull, images_response
 from .registry import Registry, Served
@@ -51,8 +51,8 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
                         status_code=status, headers=headers)
 
 
-class ImageRequest(BaseModel):
-    """OpenAI's image generation body, plus our settings (seed, steps, cfg_scale, ...)."""
+class OpenAIImageRequest(BaseModel):
+    """OpenAI's image generation body; :func:`request_model` adds the request's own fields."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: str
@@ -70,17 +70,18 @@ class ImageRequest(BaseModel):
     output_compression: int | None = None
     partial_images: int | None = None
     stream: bool | None = None
-    # ours
-    negative_prompt: str = ""
-    seed: int | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    guidance: float | None = None
-    flow_shift: float | None = None
-    sampler: str | None = None
-    scheduler: str | None = None
-    strength: float | None = None
     preview: bool = False          # jobs: preview images in the event stream
+
+
+# request fields that OpenAI's body sets its own way (prompt; size for width/height; n for batch_count)
+_OPENAI_SPELLED = ("prompt", "width", "height", "batch_count")
+
+
+def request_model() -> type[BaseModel]:
+    """OpenAI's body plus every field of the request (seed, steps, cfg_scale, ...), all optional."""
+    ours: dict[str, Any] = {name: (kind | None, None) for name, kind in request_fields().items()
+                            if name not in _OPENAI_SPELLED}
+    return create_model("ImageRequest", __base__=OpenAIImageRequest, **ours)
 
 
 class BodyLimit:
@@ -131,6 +132,7 @@ class BearerAuth:
 
 def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
     limits = config.limits
+    body_model = request_model()
     manager = JobManager(registry.models, limits.max_queue, limits.result_ttl_s)
 
     @contextlib.asynccontextmanager
@@ -179,20 +181,26 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(manager.metrics(), media_type="text/plain; version=0.0.4")
 
+    async def _body(request: Request) -> dict[str, Any]:
+        try:
+            return body_model.model_validate_json(await request.body()).model_dump()
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
+
     @app.post("/v1/images/generations")
-    async def generations(body: ImageRequest, request: Request) -> Response:
-        job = _submit(body, None, [])
+    async def generations(request: Request) -> Response:
+        job = _submit(await _body(request), [])
         return await _wait(job, request)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
         body, images = await _edit_form(request)
-        job = await asyncio.to_thread(_submit, body, None, images)      # resizing: off the event loop
+        job = await asyncio.to_thread(_submit, body, images)      # resizing: off the event loop
         return await _wait(job, request)
 
     @app.post("/v1/jobs", status_code=202)
-    async def create_job(body: ImageRequest) -> dict[str, Any]:
-        job = _submit(body, None, [])
+    async def create_job(request: Request) -> dict[str, Any]:
+        job = _submit(await _body(request), [])
         return job.describe(manager.position(job))
 
     @app.get("/v1/jobs/{job_id}")
@@ -239,16 +247,16 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         except Expired:
             raise ApiError(410, f"job {job_id} expired (results are kept {limits.result_ttl_s:g} s)") from None
 
-    def _submit(body: ImageRequest, init: Image.Image | None, images: list[Image.Image]) -> Job:
-        served = registry.get(body.model)
+    def _submit(body: dict[str, Any], images: list[Image.Image]) -> Job:
+        served = registry.get(body["model"])
         if served is None:
-            raise ApiError(404, f"no model {body.model!r} (GET /v1/models)", param="model")
-        if body.response_format == "url":
+            raise ApiError(404, f"no model {body['model']!r} (GET /v1/models)", param="model")
+        if body["response_format"] == "url":
             raise ApiError(400, "response_format 'url' is not supported: use b64_json", param="response_format")
         settings, init_image, refs = _settings(served, body, images, limits)
         try:
-            return manager.submit(served.name, settings, output_format=body.output_format, init_image=init_image,
-                                  ref_images=refs, preview=body.preview)
+            return manager.submit(served.name, settings, output_format=body["output_format"], init_image=init_image,
+                                  ref_images=refs, preview=body["preview"])
         except QueueFull as e:
             raise ApiError(429, "the queue is full, retry later", "rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -268,7 +276,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         status, message = job.error or (500, "failed")
         return _error(status, message, "invalid_request_error" if status < 500 else "server_error")
 
-    async def _edit_form(request: Request) -> tuple[ImageRequest, list[Image.Image]]:
+    async def _edit_form(request: Request) -> tuple[dict[str, Any], list[Image.Image]]:
         try:
             form = await request.form(max_files=limits.max_uploads + 1, max_fields=64)
         except HTTPException:
@@ -283,32 +291,20 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         if len(uploads) > limits.max_uploads:
             raise ApiError(400, f"at most {limits.max_uploads} images", param="image")
         fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
-        for key in ("n", "seed", "steps", "output_compression", "partial_images"):
-            if key in fields:
-                fields[key] = _number(fields[key], int, key)
-        for key in ("cfg_scale", "guidance", "flow_shift", "strength"):
-            if key in fields:
-                fields[key] = _number(fields[key], float, key)
-        for key in ("preview", "stream"):
-            if key in fields:
-                fields[key] = fields[key].lower() in ("1", "true", "yes")
+        ours = {k: v for k, v in fields.items() if k in request_fields() and k not in _OPENAI_SPELLED}
         try:
-            try:
-                body = ImageRequest(**fields)
-            except Exception as e:
-                raise ApiError(422, str(e).splitlines()[0] if str(e) else "invalid form") from None
+            try:       # the request's fields from text by their types; OpenAI's by pydantic's lax parsing
+                values = {**fields, **parse_request(ours, where="form", text=True)}
+                body = body_model.model_validate(values).model_dump()
+            except InvalidArgumentError as e:
+                raise ApiError(422, str(e)) from None
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
             return body, [await _read_image(u, limits) for u in uploads]
         finally:
             await form.close()
 
     return app
-
-
-def _number(text: str, kind: type, key: str) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ApiError(422, f"{key}: not a number: {text!r}", param=key) from None
 
 
 async def _read_image(upload: StarletteUpload, limits: Limits) -> Image.Image:
@@ -334,46 +330,39 @@ def _decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.I
 
 def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[int | None, int | None]:
     if text is None or text == "auto":
-        if not images:
-            return None, None
-        w, h = images[0].size
-        scale = min(1.0, (limits.max_pixels / (w * h)) ** 0.5)
-        return max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)
+        return size_of(images[0], limits.max_pixels) if images else (None, None)
     w_text, sep, h_text = text.lower().partition("x")
     if not sep or not w_text.isdigit() or not h_text.isdigit():
         raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (or 'auto'), got {text!r}", param="size")
     return int(w_text), int(h_text)
 
 
-def _settings(served: Served, body: ImageRequest, images: list[Image.Image],
+def _settings(served: Served, body: dict[str, Any], images: list[Image.Image],
               limits: Limits) -> tuple[GenerationSettings, Image.Image | None, list[Image.Image]]:
-    for name, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt)):
-        if len(text) > limits.max_prompt_chars:
+    """The request from the body: OpenAI's fields and ours; the images as init image or references
+    (they are prepared, as every face's are, by the pipeline's staged loop)."""
+    for name in ("prompt", "negative_prompt"):
+        if len(body.get(name) or "") > limits.max_prompt_chars:
             raise ApiError(413, f"{name} over {limits.max_prompt_chars} characters", param=name)
-    if body.n > limits.max_n:
+    if body["n"] > limits.max_n:
         raise ApiError(400, f"n is at most {limits.max_n}", param="n")
-    if body.steps is not None and body.steps > limits.max_steps:
+    if body.get("steps") is not None and body["steps"] > limits.max_steps:
         raise ApiError(400, f"steps is at most {limits.max_steps}", param="steps")
-    width, height = _size(body.size, images, limits)
+    width, height = _size(body["size"], images, limits)
     init: Image.Image | None = None
     refs: list[Image.Image] = []
     if images:
-        if served.pipe.family in _REF_FAMILIES and body.strength is None:
+        if served.pipe.family in _REF_FAMILIES and body.get("strength") is None:
             refs = images                   # FLUX.2: the images are references to edit from
         else:
             init = images[0]                # img2img
+    values = {k: v for k, v in body.items() if k in request_fields() and k not in _OPENAI_SPELLED}
+    if init is None:
+        values.pop("strength", None)
     try:
-        s = served.pipe.settings_for(body.prompt, negative_prompt=body.negative_prompt, width=width, height=height,
-                                     steps=body.steps, cfg_scale=body.cfg_scale, sampler=body.sampler,
-                                     scheduler=body.scheduler, seed=body.seed, batch_count=body.n,
-                                     flow_shift=body.flow_shift, guidance=body.guidance,
-                                     strength=body.strength if init is not None else None)
+        s = served.pipe.settings_for(body["prompt"], width=width, height=height, batch_count=body["n"], **values)
     except (InvalidArgumentError, TypeError) as e:
         raise ApiError(400, str(e)) from None
     if s.width * s.height > limits.max_pixels:
         raise ApiError(400, f"{s.width}x{s.height} is over this server's {limits.max_pixels} pixels", param="size")
-    if init is not None and init.size != (s.width, s.height):
-        init = init.resize((s.width, s.height), Image.Resampling.LANCZOS)
-    refs = [fit_reference(r, s.width, s.height) for r in refs]    # sd-cli's auto-resize: bounded tokens
     return s, init, refs
-

@@ -8,13 +8,12 @@ model sets whose ``llm`` is the same file share one text encoder in memory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError
-
-MODEL_FILE_KEYS = ("model", "diffusion_model", "llm", "vae", "taesd")
+from ..modelset import ModelSet, model_set
 
 
 @dataclass(frozen=True)
@@ -41,24 +40,14 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class ModelEntry:
-    """One model set: its name at /v1/models, its files, preset and context settings."""
-
-    name: str
-    files: dict[str, str]
-    preset: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class ServerConfig:
-    models: tuple[ModelEntry, ...]
+    models: tuple[ModelSet, ...]
     limits: Limits = Limits()
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
 
 
-def load_config(path: Path) -> tuple[list[ModelEntry], Limits]:
+def load_config(path: Path) -> tuple[list[ModelSet], Limits]:
     """Model entries and limits from a JSON config file (relative paths: from the file's folder)."""
     try:
         root = json.loads(path.read_text(encoding="utf-8"))
@@ -70,17 +59,7 @@ def load_config(path: Path) -> tuple[list[ModelEntry], Limits]:
         raise InvalidArgumentError(f"--config {path}: needs a non-empty \"models\" list")
     entries = []
     for i, item in enumerate(root["models"]):
-        if not isinstance(item, dict):
-            raise InvalidArgumentError(f"--config {path}: models[{i}] is not an object")
-        unknown = sorted(set(item) - {"name", "preset", "settings", *MODEL_FILE_KEYS})
-        if unknown:
-            raise InvalidArgumentError(f"--config {path}: models[{i}]: unknown key {unknown[0]!r}")
-        files = {k: str((path.parent / item[k]).resolve()) for k in MODEL_FILE_KEYS if item.get(k)}
-        if "model" not in files and "diffusion_model" not in files:
-            raise InvalidArgumentError(f"--config {path}: models[{i}] needs diffusion_model (or model)")
-        settings = item.get("settings") or {}
-        if not isinstance(settings, dict):
-            raise InvalidArgumentError(f"--config {path}: models[{i}].settings is not an object")
-        entries.append(ModelEntry(str(item.get("name") or ""), files, item.get("preset"), settings))
+        name = item.get("name") if isinstance(item, dict) else None
+        entries.append(model_set(str(name or ""), item, path.parent, where=f"--config {path}: models[{i}]"))
     limits = Limits.from_dict(root.get("limits") or {})
     return entries, limits

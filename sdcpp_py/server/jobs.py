@@ -26,7 +26,6 @@ from PIL import Image
 from .. import Preview
 from ..errors import Cancelled, InvalidArgumentError, SdcppError
 from ..settings import GenerationSettings
-from ..sweep import iter_images
 from .registry import Served
 
 logger = logging.getLogger("sdcpp_py.server")
@@ -155,7 +154,7 @@ class Worker(threading.Thread):
         preview = Preview(lambda step, im: job.publish({"type": "preview", "image": job.image_index + 1,
                                                         "step": step, "png": _png_b64(im)})) if job.preview else None
         try:
-            items = iter_images(pipe, job.settings, init_image=job.init_image, ref_images=job.ref_images,
+            items = pipe.images(job.settings, init_image=job.init_image, ref_images=job.ref_images,
                                 progress=on_step, preview=preview, cancel=job.cancel_token)
             for item in items:
                 data = encode_image(item.image, job.output_format)

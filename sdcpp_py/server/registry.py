@@ -5,12 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import IncompatibleModelError
+from ..modelset import ModelSet
 from ..pipeline import Pipeline
-from ..settings import ContextSettings
-from .config import ModelEntry
 
 logger = logging.getLogger("sdcpp_py.server")
 
@@ -26,7 +24,7 @@ class Served:
 class Registry:
     """Model name -> resident Pipeline. Entries with the same ``llm`` file share its encoder."""
 
-    def __init__(self, entries: list[ModelEntry]) -> None:
+    def __init__(self, entries: list[ModelSet]) -> None:
         self.models: dict[str, Served] = {}
         try:
             for entry in entries:
@@ -35,28 +33,17 @@ class Registry:
             self.close()
             raise
 
-    def _load(self, entry: ModelEntry) -> None:
-        settings = ContextSettings(**entry.settings)
-        donor = next((m for m in self.models.values()
-                      if entry.files.get("llm") and m.pipe.paths.get("llm") is not None
-                      and str(m.pipe.paths["llm"]) == entry.files["llm"]), None)
-        files: dict[str, Any] = dict(entry.files)
-        pipe = None
-        if donor is not None:
-            try:
-                pipe = Pipeline(**files, preset=entry.preset, settings=settings, share_encoder_with=donor.pipe)
-            except IncompatibleModelError as e:
-                logger.warning("%s loads its own text encoder: %s", entry.name or "model", e)
-                donor = None
-        if pipe is None:
-            pipe = Pipeline(**files, preset=entry.preset, settings=settings)
+    def _load(self, entry: ModelSet) -> None:
+        names = {id(m.pipe): m.name for m in self.models.values()}
+        pipe, donor = Pipeline.open_set(entry, donors=[m.pipe for m in self.models.values()])
         name = entry.name or (pipe.preset.name if pipe.preset else pipe.family)
         if name in self.models:
             pipe.close()
             raise IncompatibleModelError(f"two model sets are named {name!r}: give each a \"name\"")
-        self.models[name] = Served(name, pipe, int(time.time()), donor.name if donor else None)
+        shared = names[id(donor)] if donor is not None else None
+        self.models[name] = Served(name, pipe, int(time.time()), shared)
         logger.info("loaded %s (%s) in %.1f s%s", name, pipe.family, pipe.load_seconds,
-                    f", text encoder shared with {donor.name}" if donor else "")
+                    f", text encoder shared with {shared}" if shared else "")
 
     def get(self, name: str | None) -> Served | None:
         """The named model; with no name (or the OpenAI default names) the first one."""
