@@ -52,7 +52,7 @@ def main(spec_path: str) -> None:
     emit({"load_s": load_s, "encode_s": cond.seconds, "text_tokens": int(cond.context.shape[0]),
           "items": items, "wall_s": time.perf_counter() - t0, "device": pipe.device,
           "cpu_variant": info["cpu_variant"], "threads": pipe.settings.n_threads,
-          "upcast": list(pipe.upcast.components), "upcast_reason": pipe.upcast.reason,
+          "upcast": list(pipe.weight_plan.components), "upcast_reason": pipe.weight_plan.reason,
           "weights": pipe.weights,
           "weight_bytes": pipe.weight_bytes, "family": pipe.family})
     pipe.close()

@@ -34,9 +34,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import httpx
     import uvicorn
 
-    from sdcpp_py.server import Limits, ModelEntry, Registry, ServerConfig, create_app, warm
+    from sdcpp_py.server import Limits, ModelSet, Registry, ServerConfig, create_app, warm
 
-    entry = ModelEntry("model", spec["files"], settings=spec.get("context", {}))
+    entry = ModelSet("model", spec["files"], settings=spec.get("context", {}))
     t = time.perf_counter()
     registry = Registry([entry])
     load_s = time.perf_counter() - t

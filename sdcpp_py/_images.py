@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -22,6 +23,16 @@ def as_pil(image: ImageLike) -> Image.Image:
     if not (16 <= image.width <= 4096 and 16 <= image.height <= 4096):
         raise InvalidArgumentError(f"image of {image.width}x{image.height} is out of range")
     return image.convert("RGB")
+
+
+def open_image(path: str | Path, what: str = "image") -> Image.Image:
+    """An image file as RGB (``InvalidArgumentError`` naming ``what`` when it cannot be read)."""
+    try:
+        with Image.open(path) as im:
+            rgb: Image.Image = im.convert("RGB")
+            return rgb
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"cannot read the {what} {path}: {e}") from None
 
 
 def size_of(image: ImageLike, max_pixels: int | None = None) -> tuple[int, int]:

@@ -15,18 +15,17 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from . import backends
+from ._images import open_image
 from ._version import __version__
 from .errors import InvalidArgumentError
+from .fileid import write_whole
 from .grid import Grid, Row
 from .metadata import image_parameters, png_bytes
 from .modelset import ModelSet
@@ -109,8 +108,8 @@ class RowWorker:
             refs = p.pop("ref_images", ())
             start = time.perf_counter()
             s = pipe.settings_for(**p)
-            init_image = _open_image(init) if init else None
-            ref_images = [_open_image(r) for r in refs]
+            init_image = open_image(init) if init else None
+            ref_images = [open_image(r) for r in refs]
             misses = pipe.encodings.info().misses
             item = next(pipe.images(s, init_image=init_image, ref_images=ref_images))
             if pipe.encodings.info().misses == misses:      # the prompt's encoding came from the cache
@@ -166,22 +165,7 @@ class OutputDir:
         return {p.stem for p in self.path.glob("*.json") if not p.name.startswith(".") and p.stem in pngs}
 
     def _atomic(self, name: str, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_UMASK)
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)            # the rename is on disk before the next file (the record) is
-        finally:
-            os.close(dir_fd)
+        write_whole(self.path / name, data, sync=True)   # on disk before the next file (the record) is
 
     def write(self, out: RowOutput) -> bool:
         """Write one row's files; False (and nothing written) when the row is already done."""
@@ -215,32 +199,6 @@ class OutputDir:
         pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in recs]), buf)
         self._atomic("results.parquet", buf.getvalue())
         return self.path / "results.parquet"
-
-
-def _open_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            copy: Image.Image = im.copy()
-            return copy
-    except OSError as e:
-        raise InvalidArgumentError(f"cannot read the image {path}: {e}") from None
-
-
-def _read_umask() -> int:
-    """The process's umask, read once at import (setting it to read it races with other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .engine import convert as engine_convert
 from .errors import GenerationError, InvalidArgumentError
+from .fileid import UMASK
 from .modelfile import inspect
 from .settings import WEIGHT_TYPES, ProgressFn, check_type_rules
 
@@ -67,9 +68,7 @@ def convert(model: PathLike, output: PathLike, *, wtype: str | None = None, vae:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would stay on the renamed file
+    os.chmod(tmp, 0o666 & ~UMASK)          # mkstemp's 0600 would stay on the renamed file
 
     start = time.perf_counter()
     try:

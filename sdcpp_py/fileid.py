@@ -1,10 +1,12 @@
-"""What tells files apart: one module for the three strengths of a file's identity.
+"""Files: what tells them apart (three strengths of identity), and writing them whole.
 
 - :func:`stamp`: size and modification time (a reload checks that its file was not replaced);
 - :func:`identity`: the content's identity, a hash of the size, the first 8 MiB (a model file's
   header: names, shapes, types) and the last 1 MiB, cached by path, size and mtime (sweep ids,
   encoding caches, encoder sharing: the same weights under another name are the same file);
 - :func:`file_hash`: the whole file's SHA-256 prefix (PNG metadata), cached on disk.
+
+:func:`write_whole` writes a file that appears complete or not at all (a rename).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -54,17 +57,56 @@ def identity(path: Path | None) -> str:
     return digest
 
 
-def _hash_cache_file() -> Path:
-    base = os.environ.get("SDCPP_PY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdcpp_py")
-    return Path(base) / "file-hashes.json"
+def cache_dir() -> Path:
+    """The package's cache folder: ``$SDCPP_PY_CACHE``, else ``$XDG_CACHE_HOME/sdcpp_py``."""
+    return Path(os.environ.get("SDCPP_PY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdcpp_py"))
+
+
+def _read_umask() -> int:
+    """The process's umask, read once at import (setting it to read it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+def write_whole(path: Path, data: bytes, *, sync: bool = False) -> None:
+    """Write ``path`` by rename from a temporary file beside it, with the umask's mode; ``sync``:
+    the data and the rename on disk before returning."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if sync:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def file_hash(path: Path) -> str:
     """The first HASH_CHARS hex digits of the file's SHA-256, cached by path, size and mtime."""
     st = path.stat()
     key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    cache_file = _hash_cache_file()
+    cache_file = cache_dir() / "file-hashes.json"
     with _lock:
         try:
             cache = json.loads(cache_file.read_text())
@@ -83,9 +125,7 @@ def file_hash(path: Path) -> str:
         cache = dict(list(cache.items())[-_HASH_CACHE_ENTRIES:])   # the newest entries
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
+            write_whole(cache_file, json.dumps(cache).encode())
         except OSError as e:
             logger.debug("file hash cache not written: %s", e)
         return digest

@@ -40,7 +40,7 @@ from typing import Any
 from .errors import InvalidArgumentError
 from .fileid import file_hash
 from .modelset import ModelSet, absolute, model_set
-from .settings import parse_request, request, request_fields
+from .settings import parse_request, parse_size, request, request_fields
 
 IMAGE_KEYS = ("init_image", "ref_images")      # file paths
 LIST_VALUED = ("sigmas", "ref_images")         # lists as values: a list of lists sweeps them
@@ -125,18 +125,6 @@ def _seeds(v: Any) -> list[int]:
     return [_seed(s) for s in (v if isinstance(v, list) else [v])]
 
 
-def _size(v: Any) -> tuple[int, int]:
-    if isinstance(v, str) and "x" in v.lower():
-        w, _, h = v.lower().partition("x")
-        try:
-            return int(w), int(h)
-        except ValueError:
-            pass
-    elif isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
-        return int(v[0]), int(v[1])
-    raise InvalidArgumentError(f"size {v!r}: expected WIDTHxHEIGHT, e.g. 1024x576")
-
-
 def _choices(key: str, v: Any) -> list[Any]:
     """The values a sweep gives ``key``: a list sweeps it (a list of lists for list-valued keys)."""
     if isinstance(v, list) and not v:
@@ -145,8 +133,8 @@ def _choices(key: str, v: Any) -> list[Any]:
         return _seeds(v)
     if key == "size":
         if isinstance(v, list) and v and not all(isinstance(x, int) for x in v):
-            return [_size(x) for x in v]
-        return [_size(v)]
+            return [parse_size(x) for x in v]
+        return [parse_size(v)]
     if key in LIST_VALUED:
         return list(v) if isinstance(v, list) and v and all(isinstance(x, list) for x in v) else [v]
     return list(v) if isinstance(v, list) else [v]
@@ -225,7 +213,7 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
         if "size" in params:
             if "width" in params or "height" in params:
                 raise InvalidArgumentError("give size or width/height, not both")
-            params["width"], params["height"] = _size(params.pop("size"))
+            params["width"], params["height"] = parse_size(params.pop("size"))
         if "init_image" in params:
             params["init_image"] = absolute(params["init_image"], base)
         if "ref_images" in params:

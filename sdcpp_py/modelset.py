@@ -80,4 +80,4 @@ def absolute(v: Any, base: Path | None) -> str:
     if not isinstance(v, (str, Path)):
         raise InvalidArgumentError(f"a file path must be a string, not {type(v).__name__}")
     p = Path(v).expanduser()
-    return str(p if p.is_absolute() else (base or Path.cwd()) / p)
+    return str((p if p.is_absolute() else (base or Path.cwd()) / p).resolve())

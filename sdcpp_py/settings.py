@@ -184,6 +184,17 @@ def check_type_rules(rules: Any) -> str:
     return ",".join(out)
 
 
+def parse_size(v: Any) -> tuple[int, int]:
+    """A size as faces write it: "WIDTHxHEIGHT" (ASCII digits) or a pair of ints."""
+    if isinstance(v, str):
+        w, sep, h = v.strip().lower().partition("x")
+        if sep and all(x.isascii() and x.isdigit() and len(x) <= 5 for x in (w, h)):
+            return int(w), int(h)
+    elif isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
+        return int(v[0]), int(v[1])
+    raise InvalidArgumentError(f"size {str(v)[:40]!r}: expected WIDTHxHEIGHT, e.g. 1024x576")
+
+
 def resolve_seed(seed: int | None) -> int:
     """A seed in [0, 2**63 - 1]; ``None`` or -1 draws one from the full range."""
     if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed == -1):

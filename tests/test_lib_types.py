@@ -72,3 +72,20 @@ def test_every_typed_member_exists():
         assert hasattr(lib, name), f"_lib_types.Lib.{name} is not in the library's declarations"
     for name in typing.get_type_hints(T.Lib):
         assert isinstance(getattr(lib, name), int), name
+
+
+def test_name_lists_are_the_librarys():
+    """settings.py spells the engine's names as literals (it imports without the library): the same
+    names, in the engine's order."""
+    from sdcpp_py import settings
+    from sdcpp_py._ffi import string
+
+    def names(count, fn):
+        return tuple(string(fn(i)) for i in range(count))
+
+    assert settings.SAMPLERS == names(lib.SAMPLE_METHOD_COUNT, lib.sd_sample_method_name)
+    assert settings.SCHEDULERS == names(lib.SCHEDULER_COUNT, lib.sd_scheduler_name)
+    assert settings.RNG_TYPES == names(lib.RNG_TYPE_COUNT, lib.sd_rng_type_name)
+    engine_types = names(lib.SD_TYPE_COUNT, lib.sd_type_name)
+    assert settings.WEIGHT_TYPES == tuple(n for n in engine_types if n in settings.WEIGHT_TYPES)
+    assert len(settings.WEIGHT_TYPES) == 13

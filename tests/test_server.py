@@ -23,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from sdcpp_py.server import Limits, ModelEntry, Registry, ServerConfig, create_app, warm  # noqa: E402
+from sdcpp_py.server import Limits, ModelSet, Registry, ServerConfig, create_app, warm  # noqa: E402
 
 KEY = "test-key-123"
 LIMITS = Limits(max_body_bytes=2 << 20, max_n=4, max_pixels=512 * 512, max_steps=60, max_queue=3,
@@ -32,7 +32,7 @@ LIMITS = Limits(max_body_bytes=2 << 20, max_n=4, max_pixels=512 * 512, max_steps
 
 @pytest.fixture(scope="module")
 def server(tiny_sets):
-    entries = [ModelEntry(name, {"diffusion_model": str(m.diffusion_model), "llm": str(m.llm), "vae": str(m.vae)},
+    entries = [ModelSet(name, {"diffusion_model": str(m.diffusion_model), "llm": str(m.llm), "vae": str(m.vae)},
                           settings={"n_threads": 2}) for name, m in tiny_sets.items()]
     registry = Registry(entries)
     warm(registry)
@@ -101,7 +101,7 @@ def test_openai_edit_references_and_img2img(oai, pipelines):
 
 def test_edit_with_a_photo_sized_reference(oai, pipelines):
     """A reference of any size is resized as sd-cli's auto-resize does (bounded tokens)."""
-    from sdcpp_py.checks import fit_reference
+    from sdcpp_py._images import fit_reference
 
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8))
     r = oai.images.edit(model="flux2-klein", image=("p.png", png_bytes(photo), "image/png"), prompt="x",

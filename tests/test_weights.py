@@ -7,9 +7,9 @@ import pytest
 
 import sdcpp_py
 from sdcpp_py import Pipeline
+from sdcpp_py.backends import cpu_kernels
 from sdcpp_py.modelfile import inspect
 from sdcpp_py.synthetic import write_model_set
-from sdcpp_py.backends import cpu_kernels
 from sdcpp_py.weights import CpuKernels, growth, plan_weights
 
 GIB = 1 << 30

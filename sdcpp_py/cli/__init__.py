@@ -15,21 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from ..errors import SdcppError
+from ..fileid import cache_dir
 from .sdcli import CliError, parse, print_error
 
 DEMO_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
 SUBCOMMANDS = ("demo", "info", "download", "convert", "generate", "serve", "sweep")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("SDCPP_PY_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sdcpp_py")
-    return Path(base)
 
 
 def _setup_logging(verbose: int) -> None:
@@ -80,7 +74,7 @@ def _demo(argv: list[str]) -> int:
                                              "other flags: sd-cli's, as for sdcpp-py itself")
     ap.add_argument("--family", default="z-image-turbo", choices=["z-image-turbo", "flux2-klein"])
     ap.add_argument("--size", default="tiny", choices=["tiny", "full"])
-    ap.add_argument("--cache", type=Path, default=default_cache_dir())
+    ap.add_argument("--cache", type=Path, default=cache_dir())
     own, rest = ap.parse_known_args(argv)
     from ..synthetic import write_model_set
 

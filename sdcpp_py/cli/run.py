@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .. import Preview
-from .._images import size_of
+from .._images import open_image, size_of
 from ..fileid import file_hash
 from ..metadata import ImageParameters, image_parameters, read_parameters, save_png
 from ..pipeline import Pipeline
@@ -87,15 +87,6 @@ def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]
     return jobs
 
 
-def _open_image(path: str, what: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            rgb: Image.Image = im.convert("RGB")
-            return rgb
-    except (OSError, ValueError) as e:
-        raise CliError(f"{what} {path}: {e}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     stored = read_parameters(args.from_png) if args.from_png is not None else None
     if stored is not None and stored.source == "sdcpp_py":
@@ -121,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
         bars = StepBars(total, enabled=not args.no_progress)
         index = 0
         for job in jobs:
-            init = _open_image(job.init_img, "--init-img") if job.init_img else None
-            refs = [_open_image(r, "--ref-image") for r in job.ref_images]
+            init = open_image(job.init_img, "--init-img") if job.init_img else None
+            refs = [open_image(r, "--ref-image") for r in job.ref_images]
             overrides = dict(job.overrides)
             source = init or (refs[0] if refs else None)
             if source is not None and "width" not in overrides and "height" not in overrides:

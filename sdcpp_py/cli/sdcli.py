@@ -126,7 +126,8 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                      help="process the VAE in tiles to reduce memory")
     gen.add_argument("-s", "--seed", type=int,
                      help="RNG seed (default 42, random for < 0)")
-    gen.add_argument("--sampling-method", dest="sampler", metavar="SAMPLING_METHOD", help="sampling method (euler, euler_a, heun, dpm++2m, ...)")
+    gen.add_argument("--sampling-method", dest="sampler", metavar="SAMPLING_METHOD",
+                     help="sampling method (euler, euler_a, heun, dpm++2m, ...)")
     gen.add_argument("--scheduler", help="denoiser sigma scheduler (discrete, karras, simple, ...)")
     gen.add_argument("--sigmas", type=_csv_floats, help='custom sigmas, comma-separated ("1.0,0.5,0.0")')
     gen.add_argument("-r", "--ref-image", action="append", default=[],

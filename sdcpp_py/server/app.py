@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._images import size_of
 from ..errors import InvalidArgumentError
 from ..families import FLUX2_DEV, FLUX2_KLEIN
-from ..settings import GenerationSettings, parse_request, request_fields
+from ..settings import GenerationSettings, parse_request, parse_size, request_fields
 from .config import Limits, ServerConfig
 from .jobs import FINAL, Expired, Job, JobManager, QueueFull, images_response
 from .registry import Registry, Served
@@ -331,10 +331,10 @@ def _decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.I
 def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[int | None, int | None]:
     if text is None or text == "auto":
         return size_of(images[0], limits.max_pixels) if images else (None, None)
-    w_text, sep, h_text = text.lower().partition("x")
-    if not sep or not w_text.isdigit() or not h_text.isdigit():
-        raise ApiError(400, f"size must be 'WIDTHxHEIGHT' (or 'auto'), got {text!r}", param="size")
-    return int(w_text), int(h_text)
+    try:
+        return parse_size(text)
+    except InvalidArgumentError as e:
+        raise ApiError(400, f"{e} (or 'auto')", param="size") from None
 
 
 def _settings(served: Served, body: dict[str, Any], images: list[Image.Image],
