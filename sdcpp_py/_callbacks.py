@@ -16,13 +16,12 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 
 from ._ffi import callback, ffi, lib
 from ._lib_types import CData, CStruct
-from .settings import Preview, ProgressFn
+from .settings import Preview, ProgressFn, TqdmProgress
 
 logger = logging.getLogger("sdcpp_py")
 logger.addHandler(logging.NullHandler())
@@ -118,28 +117,6 @@ def _on_progress(step: int, steps: int, seconds: float, data: CData) -> None:
 
 def _ignore_progress(step: int, steps: int, seconds: float) -> None:
     pass
-
-
-class TqdmProgress:
-    """A progress callback drawing a tqdm bar (one bar per native call)."""
-
-    def __init__(self, desc: str = "sampling") -> None:
-        self.desc = desc
-        self.bar: Any = None
-
-    def __call__(self, step: int, steps: int, seconds: float) -> None:
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=steps, desc=self.desc, unit="step")
-        self.bar.n = min(step, steps)
-        self.bar.set_postfix_str(f"{seconds:.2f} s/step" if seconds >= 1 else f"{1 / max(seconds, 1e-9):.2f} step/s")
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 @contextlib.contextmanager

@@ -200,10 +200,6 @@ class EngineThread:
             if running is not None and running.operation.owner is owner:
                 lib.sdcpp_cancel()
 
-    def cancel_running(self) -> None:
-        """Stop the running call, whoever owns it (a progress callback that raised)."""
-        lib.sdcpp_cancel()
-
     def check_cancelled(self) -> None:
         """Raise Cancelled when the operation running on this (engine) thread was cancelled."""
         running = self._running

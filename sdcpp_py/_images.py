@@ -54,8 +54,6 @@ def fit_reference(image: ImageLike, width: int, height: int) -> Image.Image:
 def prepare(width: int, height: int, init_image: ImageLike | None,
             ref_images: Sequence[ImageLike]) -> tuple[Image.Image | None, list[Image.Image]]:
     """The init image at the generation's size, the references fitted (sd-cli's auto-resize)."""
-    if isinstance(ref_images, (Image.Image, np.ndarray)):
-        raise TypeError("ref_images must be a sequence of images")
     init = as_pil(init_image) if init_image is not None else None
     if init is not None and init.size != (width, height):
         init = init.resize((width, height), Image.Resampling.LANCZOS)

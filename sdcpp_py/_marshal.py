@@ -1,10 +1,7 @@
-"""Values across the FFI, and nothing else: requests and context settings written into the
-engine's structs, numpy arrays as ``sdcpp_tensor_t`` views, images as ``sd_image_t``, the
-shim's results copied back into numpy, and the shim's error codes as exceptions.
-
-Every builder returns the struct and ``keep``: the buffers it points into. The Engine calls
-them inside the function that runs on the engine thread, so ``keep`` lives until the native
-call that reads it has returned.
+"""Values across the FFI, nothing else: requests and context settings into the engine's
+structs, arrays as ``sdcpp_tensor_t`` views, images as ``sd_image_t``, results back into numpy,
+error codes as exceptions. Builders return the struct and ``keep`` (what it points into); the
+Engine calls them on the engine thread, so ``keep`` outlives the native call.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
-"""The Engine: the one owner of a native context.
-
-It holds the handle, cancellation, residency (release and reload of the text encoder and
-the diffusion model, one text encoder shared by several contexts) and takes Python values
-only: paths, ``ContextSettings``, a request (``GenerationSettings``), numpy arrays and PIL
-images. Every native struct is built (``_marshal``) inside the function that runs on the
-engine thread, so nothing a native call reads can be freed before it returns, whatever the
-caller does meanwhile (a second Ctrl-C stops its waiting, not the call). Every method is
-one *hold*: one call on the engine thread (``_engine_thread``), so residency checks and the
-engine call they guard are never separated by another thread's release or close. The
-Engine knows no Pipeline; ``isolated.IsolatedEngine`` offers the same methods from a
-worker process.
+"""The Engine: the one owner of a native context (handle, cancellation, residency, a
+shared text encoder), taking Python values only: paths, ``ContextSettings``, a request,
+numpy arrays, PIL images. Native structs are built (``_marshal``) inside the function that
+runs on the engine thread, so nothing a native call reads can be freed before it returns,
+whatever the caller does meanwhile. Each method is one *hold* on the engine thread: a
+residency check and the call it guards are never split. ``isolated.IsolatedEngine`` offers
+the same methods from a worker process.
 """
 
 from __future__ import annotations

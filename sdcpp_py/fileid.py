@@ -1,12 +1,7 @@
-"""Files: what tells them apart (three strengths of identity), and writing them whole.
-
-- :func:`stamp`: size and modification time (a reload checks that its file was not replaced);
-- :func:`identity`: the content's identity, a hash of the size, the first 8 MiB (a model file's
-  header: names, shapes, types) and the last 1 MiB, cached by path, size and mtime (sweep ids,
-  encoding caches, encoder sharing: the same weights under another name are the same file);
-- :func:`file_hash`: the whole file's SHA-256 prefix (PNG metadata), cached on disk.
-
-:func:`write_whole` writes a file that appears complete or not at all (a rename).
+"""Files: three strengths of identity, and writing them whole. :func:`stamp` (size, mtime:
+was it replaced?), :func:`identity` (a hash of the size, the first 8 MiB, a model's header,
+and the last 1 MiB: the same weights under any name), :func:`file_hash` (the whole file's
+SHA-256 prefix, for PNG metadata, cached on disk); :func:`write_whole` (by rename).
 """
 
 from __future__ import annotations
@@ -112,15 +107,14 @@ def file_hash(path: Path) -> str:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
             cache = {}
-        cached = cache.get(key) if isinstance(cache, dict) else None
-        if isinstance(cached, str):
-            return cached
+        cache = cache if isinstance(cache, dict) else {}
+        if isinstance(cache.get(key), str):
+            return str(cache[key])
         h = hashlib.sha256()
         with path.open("rb") as f:
             while chunk := f.read(8 << 20):
                 h.update(chunk)
         digest = h.hexdigest()[:HASH_CHARS]
-        cache = cache if isinstance(cache, dict) else {}
         cache[key] = digest
         cache = dict(list(cache.items())[-_HASH_CACHE_ENTRIES:])   # the newest entries
         try:

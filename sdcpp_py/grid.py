@@ -40,7 +40,7 @@ from typing import Any
 from .errors import InvalidArgumentError
 from .fileid import file_hash
 from .modelset import ModelSet, absolute, model_set
-from .settings import parse_request, parse_size, request, request_fields
+from .settings import parse_request, parse_size, request, request_fields, seed_range
 
 IMAGE_KEYS = ("init_image", "ref_images")      # file paths
 LIST_VALUED = ("sigmas", "ref_images")         # lists as values: a list of lists sweeps them
@@ -73,9 +73,6 @@ class Row:
 class Grid:
     models: dict[str, ModelSet]
     rows: list[Row]
-
-    def rows_for(self, model: str) -> list[Row]:
-        return [r for r in self.rows if r.model == model]
 
 
 def row_keys() -> list[str]:
@@ -113,15 +110,7 @@ def _seed(v: Any) -> int:
 
 def _seeds(v: Any) -> list[int]:
     if isinstance(v, str) and ":" in v:
-        a, _, b = v.partition(":")
-        try:
-            lo, hi = int(a), int(b)
-        except ValueError:
-            raise InvalidArgumentError(f"seed range {v!r}: expected A:B with integers") from None
-        if hi < lo or hi - lo >= MAX_ROWS:
-            raise InvalidArgumentError(f"seed range {v!r}: empty or too long")
-        _seed(lo), _seed(hi)
-        return list(range(lo, hi + 1))
+        return seed_range(v, MAX_ROWS)
     return [_seed(s) for s in (v if isinstance(v, list) else [v])]
 
 

@@ -1,15 +1,9 @@
-"""Crash isolation at the Engine seam: ``Pipeline(..., isolate=True)`` drives an
-:class:`IsolatedEngine`, whose :class:`~sdcpp_py.engine.Engine` lives in a worker process.
-
-The parent keeps the Pipeline (policy, caches, checks); the worker holds one Engine with
-the models resident and serves its methods one call at a time over a socket. The calls
-carry Python values only (paths, settings, requests, arrays, images): arrays and images
-cross by shared memory (pickle's out-of-band ``persistent_id``), everything else by
-pickle. When the engine aborts the worker (a failed assert), the call raises
-:class:`EngineCrashed` with the worker's last log lines and the next call starts a new
-worker, the context opened again. Cancel, cancel tokens, Ctrl-C and progress callbacks
-work as in-process: the parent signals the worker (SIGUSR1), which cancels its engine.
-The worker ignores SIGINT, so a terminal's Ctrl-C reaches the parent only.
+"""Crash isolation at the Engine seam: with ``Pipeline(..., isolate=True)`` the Pipeline stays
+here and drives an :class:`IsolatedEngine`, whose Engine lives in a worker process serving
+its methods over a socket (arrays and images by shared memory, the rest by pickle). An
+engine abort raises :class:`EngineCrashed`; the next call starts a new worker and opens the
+context again. Cancel, tokens, Ctrl-C and progress work as in-process (SIGUSR1 cancels the
+worker's engine; the worker ignores SIGINT, so a terminal's Ctrl-C reaches the parent only).
 """
 
 from __future__ import annotations
@@ -38,13 +32,12 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from ._callbacks import TqdmProgress
 from ._engine_thread import CancelToken, check_token
 from ._ffi import lib
 from ._images import ImageLike
 from .engine import Engine, Parts
 from .errors import Cancelled, ClosedError, EngineCrashed, InvalidArgumentError, SdcppError
-from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn
+from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn, TqdmProgress
 
 logger = logging.getLogger("sdcpp_py")
 INLINE_BYTES = 1 << 16          # smaller arrays travel inside the pickle
@@ -416,15 +409,6 @@ class IsolatedEngine:
         """The worker process's id (None while it is not running)."""
         process = self.worker.process
         return process.pid if process is not None and self.worker.alive else None
-
-    @property
-    def starts(self) -> int:
-        return self.worker.starts
-
-    def crash_for_test(self) -> None:
-        """Make the worker abort() as a failed engine assert does (tests of the isolation)."""
-        with self._lock:
-            self.worker.call("abort", "")
 
     # residency
     def loaded(self, component: int) -> bool:

@@ -1,11 +1,6 @@
-"""A model set: the files of one resident pipeline, its context settings and its preset.
-
-One definition for every face that names models: grid files, the server's ``--config``
-and command line, and the CLI. :func:`model_set` reads one from a mapping (paths relative
-to ``base``, made absolute), checking what can be checked before anything loads; its
-:attr:`ModelSet.identity` is what row ids and caches depend on: each file's content
-identity (:func:`sdcpp_py.fileid.identity`), never its name or folder. Opening a set
-(sharing a text encoder with a set already open) is ``Pipeline.open_set``.
+"""A model set (files, context settings, preset) for every face that names models: grid
+files, the server's config and command line, the CLI. Its identity is each file's content
+identity, never a name or folder; ``Pipeline.open_set`` opens one, sharing a text encoder.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """A resident stable-diffusion.cpp context: load once, generate many times.
 
-Two ways to generate: ``generate()`` is upstream's one-shot ``generate_image``;
-``encode()`` → ``denoise()`` → ``decode()`` are the same steps as separate calls
-(our native shim), so one prompt encoding serves many seeds, sizes and step
-counts. Both give the same pixels for the same request. ``images()`` is the staged
-loop every face uses (one encoding, an image per seed); ``sweep()`` a grid of them.
-
-The Pipeline is policy (presets, defaults, checks, the encoding cache, the weight
-plan); the engine it drives (:class:`~sdcpp_py.engine.Engine`, or with ``isolate=True``
-an :class:`~sdcpp_py.isolated.IsolatedEngine` in a worker process) takes Python values.
+``generate()`` is upstream's one-shot ``generate_image``; ``encode()`` → ``denoise()`` →
+``decode()`` are the same steps as separate calls, and ``images()`` is the staged loop every
+face uses (one encoding, an image per seed): the same pixels for the same request. The
+Pipeline is policy (presets, checks, caches, the weight plan); its engine takes Python values.
 """
 
 from __future__ import annotations
@@ -252,12 +247,10 @@ class Pipeline:
                  cancel: CancelToken | None = None, **settings: Any) -> GenerationResult:
         """Text (and optionally an init image, or reference images) to image in one call.
 
-        ``settings``: any :class:`GenerationSettings` field (``negative_prompt``, ``width``,
-        ``height``, ``steps``, ``cfg_scale``, ``sampler``, ``scheduler``, ``seed``,
-        ``batch_count``, ``flow_shift``, ``guidance``, ``sigmas``, ``strength``,
-        ``vae_tiling``); unset ones take the preset's defaults, ``seed=None`` draws a random
-        63-bit seed, reported in the result. ``cancel``: a ``threading.Event`` that stops the
-        call when set (it raises :class:`Cancelled`). ``preview``: images during sampling.
+        ``settings``: any :class:`GenerationSettings` field (``width``, ``steps``, ``seed``, ...);
+        unset ones take the preset's defaults, ``seed=None`` draws a random 63-bit seed, reported
+        in the result. ``cancel``: a ``threading.Event`` that stops the call when set (it raises
+        :class:`Cancelled`). ``preview``: images during sampling.
         """
         s = self.settings_for(prompt, **settings)
         return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress,
@@ -321,25 +314,18 @@ class Pipeline:
               steps: Sequence[int | None] = (None,), sizes: Sequence[tuple[int, int] | None] = (None,),
               cfg_scales: Sequence[float | None] = (None,), samplers: Sequence[str | None] = (None,),
               schedulers: Sequence[str | None] = (None,), progress: ProgressFn | None = None) -> SweepResult:
-        """An image for every combination of the given values, from one encoding of the prompt
-        (with its negative only if some cfg differs from 1)."""
+        """An image for every combination of the given values, through the staged loop (one
+        encoding of the prompt; one more with its negative if some cfg differs from 1)."""
         start = time.perf_counter()
-        default_cfg = self.preset.cfg_scale if self.preset else 1.0
-        need_negative = any((c if c is not None else default_cfg) != 1.0 for c in cfg_scales)
-        cond = self.encode(prompt, negative_prompt if need_negative else None)
-        encode_s = time.perf_counter() - start
-        items = []
-        for size, n, cfg, sampler, scheduler, seed in itertools.product(
-                sizes, steps, cfg_scales, samplers, schedulers, seeds):
-            width, height = size if size is not None else (None, None)
-            s = self.settings_for(prompt, negative_prompt=negative_prompt, width=width, height=height, steps=n,
-                                  cfg_scale=cfg, sampler=sampler, scheduler=scheduler, seed=seed)
-            latent = self._denoise(cond, s, progress=progress)
-            t0 = time.perf_counter()
-            image = self.decode(latent)
-            items.append(ImageItem(image, s, latent, {"denoise_s": latent.info["denoise_s"],
-                                                      "decode_s": time.perf_counter() - t0}))
-        return SweepResult(items, cond, {"encode_s": encode_s, "wall_s": time.perf_counter() - start})
+        items = [item for size, n, cfg, sampler, scheduler, seed in itertools.product(
+                     sizes, steps, cfg_scales, samplers, schedulers, seeds)
+                 for item in self.images(self.settings_for(
+                     prompt, negative_prompt=negative_prompt, width=size[0] if size else None,
+                     height=size[1] if size else None, steps=n, cfg_scale=cfg, sampler=sampler,
+                     scheduler=scheduler, seed=seed), progress=progress)]
+        cond = self.encode(prompt, negative_prompt if items[0].settings.cfg_scale != 1.0 else None)   # cached
+        return SweepResult(items, cond, {"encode_s": sum(i.timings["encode_s"] for i in items),
+                                         "wall_s": time.perf_counter() - start})
 
     def encode(self, prompt: str, negative_prompt: str | None = None, *,
                use_cache: bool = True, cancel: CancelToken | None = None) -> Conditioning:
@@ -368,9 +354,11 @@ class Pipeline:
                 cancel: CancelToken | None = None, **settings: Any) -> Latent:
         """Sample one latent from a conditioning, as generate() samples it for the same seed.
         ``settings``: :class:`GenerationSettings` fields, as for generate()."""
-        self._check_conditioning(conditioning)
+        check_conditioning(conditioning, self.family, self.components.dit_context_dim)
+        if conditioning.encoder != self.encoder_id:
+            logger.warning("conditioning comes from another text encoder (%s)", conditioning.encoder)
         if init_latent is not None:
-            self._check_latent(init_latent)
+            check_latent(init_latent, self.family)
             settings["width"] = settings.get("width") or init_latent.width
             settings["height"] = settings.get("height") or init_latent.height
         s = self.settings_for(conditioning.prompt, **{**settings, "negative_prompt": conditioning.negative_prompt})
@@ -412,7 +400,7 @@ class Pipeline:
         ``vae_tiling``: decode in tiles (less memory at large sizes, tile seams possible)."""
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError("output_type must be 'pil' or 'np'")
-        self._check_latent(latent)
+        check_latent(latent, self.family)
         s = request(prompt="", width=latent.width, height=latent.height, vae_tiling=vae_tiling)
         pil = self.engine.decode(s, latent.data, token=cancel)
         return pil if output_type == "pil" else np.asarray(pil)
@@ -425,15 +413,6 @@ class Pipeline:
         s = request(prompt="", width=width or pil.width, height=height or pil.height, seed=resolve_seed(seed))
         data = self.engine.encode_image(s, pil, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
-
-    # -- checks ----------------------------------------------------------------------------
-    def _check_conditioning(self, c: Conditioning) -> None:
-        check_conditioning(c, self.family, self.components.dit_context_dim)
-        if c.encoder != self.encoder_id:
-            logger.warning("conditioning comes from another text encoder (%s)", c.encoder)
-
-    def _check_latent(self, latent: Latent) -> None:
-        check_latent(latent, self.family)
 
     def _check_inputs(self, init_image: ImageLike | None, ref_images: Sequence[ImageLike]) -> None:
         if isinstance(ref_images, (Image.Image, np.ndarray)):

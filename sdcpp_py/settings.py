@@ -1,11 +1,7 @@
-"""The values a generation is made of, as frozen dataclasses checked in Python.
-
-:class:`GenerationSettings` is *the request*: built once at the public edge (keywords,
-a CLI flag, a JSON line, an HTTP body, a grid row) and handed unchanged to the Engine,
-whose marshalling (``_marshal``) writes it into the engine's structs. Every face reads
-its own format through :func:`parse_request`, which takes the keys and types from the
-dataclass's fields, so adding a parameter is a field here, its marshalling and (where
-sd-cli has one) a CLI flag. This module needs no native library.
+"""The values a generation is made of. :class:`GenerationSettings` is *the request*: built
+once at the public edge and handed unchanged to the Engine, whose marshalling writes it into
+the engine's structs. Every face reads its format through :func:`parse_request` (keys and
+types from the dataclass's fields). No native library needed here.
 """
 
 from __future__ import annotations
@@ -96,15 +92,11 @@ class ContextSettings:
 
     n_threads: int = field(default_factory=default_threads)
     wtype: str | None = None          # convert all weights at load, e.g. "f16"; None: see upcast
-    upcast: str = "auto"                 # quantized weights to F16 at load: "auto" (CPU, where memory allows),
-                                         # "none", "diffusion" or "all" (diffusion model and text encoder)
-    upcast_type: str = "auto"            # what upcast expands to: "auto" (BF16 where the CPU has native BF16,
-                                         # else F16), "f16" or "bf16"
-    repack: str = "auto"                 # CPU: matmul weights of Q4_0/Q4_K/IQ4_NL/MXFP4 (Q2_K with AVX-512)
-                                         # in ggml's repacked kernels' layout ("auto"), or not ("none")
+    upcast: str = "auto"                 # expand quantized weights at load: auto | none | diffusion | all
+    upcast_type: str = "auto"            # to what: auto (BF16 where the CPU has native BF16, else F16) | f16 | bf16
+    repack: str = "auto"                 # CPU: Q4_0/Q4_K/IQ4_NL/MXFP4 weights in ggml's repacked layout, or "none"
     tensor_type_rules: str | None = None  # the engine's own "regex=type,..." rules, tried before upcast's
-    flash_attn: bool = False             # flash attention in every model (speed: 0.88x at 512x512 on Sapphire
-                                         # Rapids, 1.1x at 1 MP on Zen 4; benchmarks/README.md)
+    flash_attn: bool = False             # in every model (0.88x at 512x512 on SPR, 1.1x at 1 MP on Zen 4)
     diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
     enable_mmap: bool = False
     offload_params_to_cpu: bool = False
@@ -167,6 +159,27 @@ class Preview:
             raise TypeError("Preview.interval must be an int >= 1")
 
 
+class TqdmProgress:
+    """A progress callback drawing a tqdm bar (``progress=True``); ``close()`` ends the bar."""
+
+    def __init__(self, desc: str = "sampling", file: Any = None) -> None:
+        self.desc, self.file = desc, file
+        self.bar: Any = None
+
+    def __call__(self, step: int, steps: int, seconds: float) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, desc=self.desc, unit="step", file=self.file)
+        self.bar.update(max(0, min(step, steps) - self.bar.n))
+        self.bar.set_postfix_str(f"{seconds:.2f} s/step" if seconds >= 1 else f"{1 / max(seconds, 1e-9):.2f} step/s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def check_type_rules(rules: Any) -> str:
     """The engine's ``regex=type,...`` rules, each regex compiled and each type convertible."""
     if not isinstance(rules, str):
@@ -193,6 +206,15 @@ def parse_size(v: Any) -> tuple[int, int]:
     elif isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) for x in v):
         return int(v[0]), int(v[1])
     raise InvalidArgumentError(f"size {str(v)[:40]!r}: expected WIDTHxHEIGHT, e.g. 1024x576")
+
+
+def seed_range(text: str, limit: int, where: str = "seed range") -> list[int]:
+    """The seeds ``A:B`` names, A to B inclusive (0 <= A <= B, at most ``limit`` of them)."""
+    a, sep, b = str(text).partition(":")
+    lo, hi = (int(x) if x.strip().isascii() and x.strip().isdigit() else -1 for x in (a, b))
+    if not sep or not 0 <= lo <= hi <= SEED_RANGE[1] or hi - lo >= limit:
+        raise InvalidArgumentError(f"{where} {text!r}: not A:B with 0 <= A <= B, or empty, or over {limit} seeds")
+    return list(range(lo, hi + 1))
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -226,8 +248,8 @@ class GenerationSettings:
         for name in ("prompt", "negative_prompt"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"{name} must be a str, not {type(getattr(self, name)).__name__}")
-            if "\0" in getattr(self, name):
-                raise InvalidArgumentError(f"{name} contains a NUL character (the engine would cut it there)")
+            if re.search("[\0\ud800-\udfff]", getattr(self, name)):   # the engine cuts at NUL; no UTF-8 for these
+                raise InvalidArgumentError(f"{name} holds a NUL character or a lone surrogate: not text to encode")
         for name in ("width", "height"):
             v = _int(name, getattr(self, name), 16, MAX_SIDE)
             if v % 16:

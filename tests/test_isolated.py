@@ -52,13 +52,13 @@ def test_bad_input_raises_in_the_parent_and_the_worker_stays(isolated, reference
 
 
 def test_an_engine_abort_raises_engine_crashed_and_the_next_call_recovers(isolated, reference):
-    pid, starts = isolated.engine.pid, isolated.engine.starts
+    pid, starts = isolated.engine.pid, isolated.engine.worker.starts
     with pytest.raises(EngineCrashed) as e:
-        isolated.engine.crash_for_test()
+        isolated.engine.worker.call("abort", "")   # as a failed engine assert aborts
     assert "signal 6" in str(e.value) and "sdcpp_test_abort" in str(e.value)
     result = isolated.generate("a quiet harbour", **GEN)          # a new worker, models reloaded
     assert np.array_equal(np.asarray(result.image), reference)
-    assert isolated.engine.starts == starts + 1 and isolated.engine.pid != pid
+    assert isolated.engine.worker.starts == starts + 1 and isolated.engine.pid != pid
 
 
 def test_cancel_and_ctrl_c_reach_the_worker(isolated, reference, sigint_raises):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import settings
 from ..errors import InvalidArgumentError
 from ..settings import parse_request, request_fields, resolve_seed
 from .sdcli import CliError
@@ -61,14 +62,7 @@ def parse_seeds(seeds: str | None, seed_range: str | None, seed: int | None, bat
             raise CliError("--seeds: no seed given")
         return [resolve_seed(v if v >= 0 else None) for v in values]
     if seed_range is not None:
-        a, sep, b = seed_range.partition(":")
-        try:
-            lo, hi = int(a), int(b)
-        except ValueError:
-            raise CliError(f"--seed-range: expected A:B, got {seed_range!r}") from None
-        if not sep or lo < 0 or hi < lo or hi - lo >= 100_000:
-            raise CliError(f"--seed-range: expected 0 <= A <= B (at most 100000 seeds), got {seed_range!r}")
-        return list(range(lo, hi + 1))
+        return settings.seed_range(seed_range, 100_000, "--seed-range")
     wanted = default if seed is None else seed
     first = resolve_seed(None) if wanted < 0 else resolve_seed(wanted)
     return [first + i for i in range(batch_count)]

@@ -24,44 +24,30 @@ from .. import Preview
 from .._images import open_image, size_of
 from ..fileid import file_hash
 from ..metadata import ImageParameters, image_parameters, read_parameters, save_png
+from ..modelset import model_set
 from ..pipeline import Pipeline
-from ..settings import ContextSettings, parse_request
+from ..settings import TqdmProgress, parse_request
 from .jobs import Job, OutputNames, make_jobs, parse_seeds, read_prompt_file
 from .sdcli import PER_JOB, SD_CLI_DEFAULT_SEED, CliError, context_settings, model_files, request_flags
 
 logger = logging.getLogger("sdcpp_py.cli")
 
 
-class StepBars:
-    """A tqdm bar per image (steps, seconds per step, ETA; on stderr): a new bar opens when
-    the step count starts again."""
+class StepBars(TqdmProgress):
+    """A tqdm bar per image (steps, seconds per step, ETA; on stderr)."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.enabled = enabled
-        self.index = 1
-        self.bar: Any = None
-        self.last = 0
+        super().__init__(file=sys.stderr)
+        self.total, self.enabled, self.index = total, enabled, 1
 
     def next_image(self) -> None:
         self.close()
         self.index += 1
 
     def __call__(self, step: int, steps: int, seconds: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, desc=f"image {self.index}/{self.total}", unit="step",
-                            file=sys.stderr, leave=True)
-        self.bar.update(max(0, min(step, steps) - self.bar.n))
-        self.bar.set_postfix_str(f"{seconds:.2f} s/step")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.enabled:
+            self.desc = f"image {self.index}/{self.total}"
+            super().__call__(step, steps, seconds)
 
 
 def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]:
@@ -95,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model or args.diffusion_model):
         hint = f" (the image was made with {stored.models})" if stored is not None else ""
         raise CliError(f"give the model files: --diffusion-model (with --llm, --vae) or -m{hint}")
-    settings = ContextSettings(**context_settings(args, stored.context if stored else None),
-                               tae_preview_only=args.taesd_preview_only)
+    models = model_set("", {**model_files(args), "preset": args.preset, "settings": {
+        **context_settings(args, stored.context if stored else None), "tae_preview_only": args.taesd_preview_only}})
     total = sum(len(j.seeds) for j in jobs)
     names = OutputNames(args.output, total, args.output_begin_idx)
     summary: dict[str, Any] = {"outputs": [], "seeds": [], "prompts": len(jobs)}
@@ -104,8 +90,7 @@ def run(args: argparse.Namespace) -> int:
     preview = _preview(args)
     pipe: Pipeline | None = None
     try:
-        files: dict[str, Any] = model_files(args)
-        pipe = Pipeline(**files, preset=args.preset, settings=settings)
+        pipe, _ = Pipeline.open_set(models)
         if stored is not None and stored.hashes and not args.disable_image_metadata:
             _check_hashes(pipe, stored)
         weights = pipe.weights

@@ -53,16 +53,18 @@ def _init(ray: Any, address: str | None) -> None:
     first on its workers' sys.path, so they would import that copy, not the driver's."""
     import sdcpp_py
 
+    # a cluster we start has no dashboard (an HTTP server on all interfaces, not ours to open)
+    options = {"log_to_driver": False, "configure_logging": False, **({} if address else {"include_dashboard": False})}
     ours = Path(sdcpp_py.__file__).resolve().parent
     shadow = Path.cwd() / "sdcpp_py"
     if not shadow.is_dir() or shadow.resolve() == ours:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, **options)
         return
     logger.info("starting Ray from %s: ./sdcpp_py is not the package in use (%s)", ours.parent, ours)
     here = os.getcwd()
     os.chdir(ours.parent)
     try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        ray.init(address=address, **options)
     finally:
         os.chdir(here)
 
@@ -153,9 +155,20 @@ def run_grid(grid: Grid, out_dir: str | Path, *, address: str | None = None, act
     if actors < 1 or cpus_per_actor <= 0 or passes < 1 or unit_rows < 1:
         raise InvalidArgumentError("actors, passes and unit_rows must be >= 1 and cpus_per_actor > 0")
     start = time.perf_counter()
-    if not ray.is_initialized():
+    ours = not ray.is_initialized()          # Ray started here is shut down here
+    if ours:
         _init(ray, address)
-    out = OutputDir(Path(out_dir))
+    try:
+        return _run(ray, grid, Path(out_dir), start, actors=actors, cpus_per_actor=cpus_per_actor,
+                    cpu_variant=cpu_variant, passes=passes, unit_rows=unit_rows)
+    finally:
+        if ours:
+            ray.shutdown()
+
+
+def _run(ray: Any, grid: Grid, out_dir: Path, start: float, *, actors: int, cpus_per_actor: float,
+         cpu_variant: str | None, passes: int, unit_rows: int) -> SweepReport:
+    out = OutputDir(out_dir)
     todo, skipped = pending(grid, out)
     for attempt in range(passes):
         if not todo:
