@@ -293,7 +293,7 @@ def test_serve_command_stops_by_itself(tiny_sets, tmp_path):
                              "--llm", str(m.llm), "--vae", str(m.vae), "-t", "2", "--port", "0",
                              "--max-requests", "3", "--max-seconds", "120"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "SDCPP_PY_API_KEY": ""})
+                            env={k: v for k, v in os.environ.items() if k != "SDCPP_PY_API_KEY"})
     try:
         line = proc.stderr.readline()
         match = re.search(r"on (http://127\.0\.0\.1:\d+)", line)

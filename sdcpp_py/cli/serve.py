@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
 import os
 from pathlib import Path
 
 from .sdcli import CliError, build_parser, context_settings, model_files, parse
+
+logger = logging.getLogger("sdcpp_py.server")
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -17,8 +21,11 @@ def serve_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("Server Options")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8080, help="port (0: a free one, printed)")
-    g.add_argument("--api-key", default=os.environ.get("SDCPP_PY_API_KEY"),
-                   help="require Authorization: Bearer KEY (default: $SDCPP_PY_API_KEY)")
+    g.add_argument("--api-key", help="require Authorization: Bearer KEY (visible to local users in `ps`: "
+                                      "prefer $SDCPP_PY_API_KEY or --api-key-file)")
+    g.add_argument("--api-key-file", type=Path, help="read the API key from this file (first line)")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key (anyone who reaches it can use it)")
     g.add_argument("--config", type=Path, help="JSON file with several model sets and limits")
     g.add_argument("--name", help="the model's name at /v1/models (default: its preset)")
     g.add_argument("--cors-origin", action="append", default=[], help="allow this browser origin (repeatable)")
@@ -49,8 +56,42 @@ def serve_command(argv: list[str]) -> int:
         limits = Limits()
     overrides = {"max_n": args.max_n, "max_pixels": args.max_pixels, "max_steps": args.max_steps,
                  "max_queue": args.max_queue, "result_ttl_s": args.result_ttl,
-                 "max_body_bytes": int(args.max_body_mb * (1 << 20)) if args.max_body_mb else None}
+                 "max_body_bytes": int(args.max_body_mb * (1 << 20)) if args.max_body_mb is not None else None}
     limits = Limits(**{**limits.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
-    config = ServerConfig(tuple(entries), limits, args.api_key or None, tuple(args.cors_origin))
+    key = _api_key(args)
+    if not _loopback(args.host) and key is None:
+        if not args.insecure:
+            raise CliError(f"--host {args.host} is reachable from other machines: give an API key "
+                           "($SDCPP_PY_API_KEY or --api-key-file), or --insecure to serve without one")
+        logger.warning("serving on %s without an API key (--insecure): anyone who reaches it can use it", args.host)
+    config = ServerConfig(tuple(entries), limits, key, tuple(args.cors_origin))
     return serve(config, host=args.host, port=args.port, max_requests=args.max_requests,
                  max_seconds=args.max_seconds, log_level="info" if args.verbose else "warning")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, --api-key or $SDCPP_PY_API_KEY (None: no auth); an empty one is
+    an error, not a server without auth."""
+    sources = [("--api-key-file", args.api_key_file), ("--api-key", args.api_key),
+               ("$SDCPP_PY_API_KEY", os.environ.get("SDCPP_PY_API_KEY"))]
+    given = [(name, v) for name, v in sources if v is not None]
+    if not given:
+        return None
+    name, value = given[0]
+    if isinstance(value, Path):
+        try:
+            value = (value.read_text(encoding="utf-8").splitlines() or [""])[0]
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"--api-key-file: {e}") from None
+    if not value.strip():
+        raise CliError(f"{name} is empty: that would serve without auth (leave it unset for that)")
+    if name == "--api-key":
+        logger.warning("--api-key is visible to every local user (ps): prefer $SDCPP_PY_API_KEY or --api-key-file")
+    return str(value).strip()
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"

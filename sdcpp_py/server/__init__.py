@@ -53,8 +53,9 @@ def serve(config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8080, ma
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         bound = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, limit_max_requests=max_requests,
-                                               timeout_graceful_shutdown=10))
+        server = uvicorn.Server(uvicorn.Config(
+            app, log_level=log_level, limit_max_requests=max_requests, timeout_graceful_shutdown=10,
+            limit_concurrency=config.limits.max_connections, timeout_keep_alive=5, h11_max_incomplete_event_size=65536))
         if max_seconds is not None:
             timer = threading.Timer(max_seconds, lambda: setattr(server, "should_exit", True))
             timer.daemon = True

@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._images import size_of
+from .._images import prepare, size_of
 from ..errors import InvalidArgumentError
 from ..families import FLUX2_DEV, FLUX2_KLEIN
 from ..settings import GenerationSettings, parse_request, parse_size, request_fields
@@ -85,24 +85,30 @@ def request_model() -> type[BaseModel]:
 
 
 class BodyLimit:
-    """413 for request bodies over ``limit`` bytes (declared or streamed)."""
+    """413 for request bodies over ``limit`` bytes (declared or streamed), 408 for a body not read
+    within ``timeout`` seconds (a client trickling bytes holds a connection, not the server)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout: float, refuse: Callable[[int], None]) -> None:
+        self.app, self.limit, self.timeout, self.refuse = app, limit, timeout, refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and (not declared.isdigit() or len(declared) > 18 or int(declared) > self.limit):
+            self.refuse(413)
             await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
             return
         seen = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def limited() -> Message:
             nonlocal seen
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received within {self.timeout:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -133,7 +139,8 @@ class BearerAuth:
 def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
     limits = config.limits
     body_model = request_model()
-    manager = JobManager(registry.models, limits.max_queue, limits.result_ttl_s)
+    manager = JobManager(registry.models, limits.max_queue, limits.result_ttl_s, limits.max_results,
+                         limits.max_result_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -146,18 +153,31 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        manager.refuse(e.status)
         return _error(e.status, e.message, e.kind, e.param, e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException) -> JSONResponse:
+        manager.refuse(e.status_code)
         return _error(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
                       headers=dict(e.headers) if e.headers else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        manager.refuse(422)
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return _error(422, f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg")), param=where)
+        message = str(first.get("msg", "invalid"))[:300]
+        return _error(422, f"{where}: {message}" if where else message, param=where or None)
+
+    @app.exception_handler(InvalidArgumentError)
+    async def invalid_argument(_: Request, e: InvalidArgumentError) -> JSONResponse:
+        manager.refuse(400)
+        return _error(400, str(e)[:500])
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:     # a bug of ours: the log has it
+        return _error(500, "internal error; the server's log has the detail", "server_error")
 
     if config.api_key:
         app.add_middleware(BearerAuth, key=config.api_key)
@@ -165,7 +185,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes, timeout=limits.body_timeout_s, refuse=manager.refuse)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -225,7 +245,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             cursor = 0
             while True:
-                events = await asyncio.to_thread(job.wait_events, cursor, 0.5)
+                events = await job.next_events(cursor, 0.5)
                 for event in events:
                     cursor += 1
                     if event["type"] == "completed":
@@ -264,7 +284,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
     async def _wait(job: Job, request: Request) -> Response:
         """A synchronous request: the job's images, or its error; a client that goes away cancels it."""
         while job.state not in FINAL:
-            await asyncio.to_thread(job.wait_events, len(job.events), 0.25)
+            await job.next_events(len(job.events), 0.25)
             if job.state not in FINAL and await request.is_disconnected():
                 logger.info("client went away: cancelling job %s", job.id)
                 manager.cancel(job.id)
@@ -274,6 +294,8 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         if job.state == "cancelled":
             return _error(409, "the request was cancelled", "request_cancelled")
         status, message = job.error or (500, "failed")
+        if status < 500:
+            manager.refuse(status)
         return _error(status, message, "invalid_request_error" if status < 500 else "server_error")
 
     async def _edit_form(request: Request) -> tuple[dict[str, Any], list[Image.Image]]:
@@ -282,7 +304,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         except HTTPException:
             raise
         except Exception as e:
-            raise ApiError(400, f"unreadable multipart form: {e}") from None
+            raise ApiError(400, f"unreadable multipart form: {str(e)[:200]}") from None
         uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and isinstance(v, StarletteUpload)]
         if "mask" in form:
             raise ApiError(400, "mask is not supported", param="mask")
@@ -361,6 +383,7 @@ def _settings(served: Served, body: dict[str, Any], images: list[Image.Image],
         values.pop("strength", None)
     try:
         s = served.pipe.settings_for(body["prompt"], width=width, height=height, batch_count=body["n"], **values)
+        init, refs = prepare(s.width, s.height, init, refs)     # images the engine cannot take: refused now
     except (InvalidArgumentError, TypeError) as e:
         raise ApiError(400, str(e)) from None
     if s.width * s.height > limits.max_pixels:

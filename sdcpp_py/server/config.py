@@ -28,10 +28,23 @@ class Limits:
     max_uploads: int = 4                 # images per edit request
     max_queue: int = 16                  # queued (not yet running) jobs, all models together
     result_ttl_s: float = 600.0          # finished jobs are kept this long, then 410
+    max_results: int = 256               # finished jobs kept at most (the oldest go first: 410)
+    max_result_bytes: int = 1 << 30      # their images' bytes at most
     max_prompt_chars: int = 20000
+    max_connections: int = 512           # open connections (uvicorn's limit_concurrency: 503 beyond)
+    body_timeout_s: float = 60.0         # to read a request's body (408 beyond)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = float if f.type in ("float", float) else int
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int) or not v > 0:
+                raise InvalidArgumentError(f"limits: {f.name} must be a positive {kind.__name__}, got {v!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Limits:
+    def from_dict(cls, d: Any) -> Limits:
+        if not isinstance(d, dict):
+            raise InvalidArgumentError("limits must be an object of numbers")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -8,6 +8,7 @@ token: the engine stops within the current step.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import logging
@@ -72,21 +73,40 @@ class Job:
     cancel_token: threading.Event = field(default_factory=threading.Event)
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: threading.Condition = field(default_factory=threading.Condition)
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
 
     @property
     def n(self) -> int:
         return self.settings.batch_count
 
+    @property
+    def result_bytes(self) -> int:
+        return sum(len(b) for b in self.images)
+
     def publish(self, event: dict[str, Any]) -> None:
         with self.changed:
             self.events.append(event)
             self.changed.notify_all()
+            for loop, ready in self.waiters:
+                loop.call_soon_threadsafe(ready.set)
 
-    def wait_events(self, cursor: int, timeout: float) -> list[dict[str, Any]]:
-        """Events after the first ``cursor`` ones (waits up to ``timeout`` for one)."""
+    async def next_events(self, cursor: int, timeout: float) -> list[dict[str, Any]]:
+        """Events after the first ``cursor`` ones, waiting up to ``timeout`` for one on the event
+        loop: an idle listener holds no thread."""
+        ready = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), ready)
         with self.changed:
-            if len(self.events) <= cursor:
-                self.changed.wait(timeout)
+            if len(self.events) > cursor:
+                return self.events[cursor:]
+            self.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(ready.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self.changed:
+                self.waiters.remove(waiter)
+        with self.changed:
             return self.events[cursor:]
 
     def finish(self, state: str, error: tuple[int, str] | None = None) -> None:
@@ -170,11 +190,12 @@ class Worker(threading.Thread):
             job.finish("cancelled")
         except InvalidArgumentError as e:
             job.finish("failed", (400, str(e)))
-        except SdcppError as e:
-            job.finish("failed", (500, str(e)))
-        except Exception as e:        # a bug of ours: the job fails, the worker lives on
+        except SdcppError as e:       # the engine's own text names files: the server log has it
+            logger.error("job %s failed: %s", job.id, e)
+            job.finish("failed", (500, f"the engine failed ({type(e).__name__}); the server's log has the detail"))
+        except Exception:             # a bug of ours: the job fails, the worker lives on
             logger.exception("job %s failed", job.id)
-            job.finish("failed", (500, f"{type(e).__name__}: {e}"))
+            job.finish("failed", (500, "internal error; the server's log has the detail"))
         finally:
             self.manager.finished(job)
 
@@ -186,9 +207,12 @@ def _png_b64(image: np.ndarray) -> str:
 class JobManager:
     """All jobs of a server: submit, look up, cancel, expire; counts for /metrics."""
 
-    def __init__(self, models: dict[str, Served], max_queue: int, ttl_s: float) -> None:
+    def __init__(self, models: dict[str, Served], max_queue: int, ttl_s: float, max_results: int = 256,
+                 max_result_bytes: int = 1 << 30) -> None:
         self.max_queue = max_queue
         self.ttl_s = ttl_s
+        self.max_results, self.max_result_bytes = max_results, max_result_bytes
+        self.refused: dict[int, int] = {}         # HTTP status -> requests refused with it
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.expired: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
@@ -235,6 +259,7 @@ class JobManager:
             if job.started is not None and job.finished is not None:
                 self.job_seconds.append(job.finished - job.started)
                 del self.job_seconds[:-100]
+            self._expire()
 
     def observe(self, stage: str, seconds: float) -> None:
         with self.lock:
@@ -264,12 +289,24 @@ class JobManager:
                 job.finish("cancelled")
         return job
 
+    def refuse(self, status: int) -> None:
+        with self.lock:
+            self.refused[status] = self.refused.get(status, 0) + 1
+
     def _expire(self) -> None:
+        """Finished jobs past the TTL go, and the oldest while more than ``max_results`` are kept
+        or their images hold more than ``max_result_bytes``."""
         now = time.time()
-        for job_id, job in list(self.jobs.items()):
-            if job.state in FINAL and job.finished is not None and now - job.finished > self.ttl_s:
-                del self.jobs[job_id]
-                self.expired[job_id] = None
+        done = [j for j in self.jobs.values() if j.state in FINAL and j.finished is not None]
+        done.sort(key=lambda j: j.finished or 0.0)
+        held = sum(j.result_bytes for j in done)
+        for i, job in enumerate(done):
+            if (now - (job.finished or now) <= self.ttl_s and len(done) - i <= self.max_results
+                    and held <= self.max_result_bytes):
+                break
+            held -= job.result_bytes
+            del self.jobs[job.id]
+            self.expired[job.id] = None
         while len(self.expired) > 10000:
             self.expired.popitem(last=False)
 
@@ -280,6 +317,9 @@ class JobManager:
                      "# HELP sdcpp_jobs Jobs by state (queued and running: now; others: since start).",
                      "# TYPE sdcpp_jobs gauge"]
             lines += [f'sdcpp_jobs{{state="{s}"}} {n}' for s, n in self.counts.items()]
+            lines += ["# HELP sdcpp_refused_total Requests refused, by HTTP status.",
+                      "# TYPE sdcpp_refused_total counter"]
+            lines += [f'sdcpp_refused_total{{status="{s}"}} {n}' for s, n in sorted(self.refused.items())]
             lines += ["# HELP sdcpp_stage_seconds Seconds spent per stage.", "# TYPE sdcpp_stage_seconds summary"]
             for stage, (total, count) in self.stage_seconds.items():
                 lines += [f'sdcpp_stage_seconds_sum{{stage="{stage}"}} {total:.6f}',

@@ -1,0 +1,191 @@
+"""Hostile and careless clients: every client error a 4xx in OpenAI's shape (never a 500, never a
+traceback), idle event streams that hold no thread, results and refusals bounded and counted,
+limits and keys checked at start-up. A real uvicorn on 127.0.0.1 with the tiny models."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from sdcpp_py import InvalidArgumentError  # noqa: E402
+from sdcpp_py.server import Limits, ModelSet, Registry, ServerConfig, create_app, load_config  # noqa: E402
+
+LIMITS = Limits(max_n=2, max_pixels=512 * 512, max_steps=60, max_queue=4, max_results=3, result_ttl_s=600)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_sets):
+    m = tiny_sets["z-image-turbo"]
+    entry = ModelSet("z", {"diffusion_model": str(m.diffusion_model), "llm": str(m.llm), "vae": str(m.vae)},
+                     {"n_threads": 2})
+    registry = Registry([entry])
+    app = create_app(registry, ServerConfig((entry,), LIMITS))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=LIMITS.max_connections))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(30)
+    registry.close()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def _png(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (40, 80, 120)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _openai_error(r) -> dict:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "/tmp/" not in err["message"] and "Traceback" not in err["message"]
+    return err
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "size": "²x64"},                       # str.isdigit() takes it, int() does not
+    {"prompt": "x", "size": "9" * 5000 + "x64"},
+    {"prompt": "x", "size": "64x64", "steps": 10 ** 30},
+    {"prompt": "\ud800", "size": "64x64"},                 # a lone surrogate: no UTF-8 for the engine
+    {"prompt": "x", "size": "64x64", "negative_prompt": "a\u0000b"},
+    {"prompt": "x", "size": "64x64", "sigmas": [1.0, "a"]},
+    {"prompt": "x", "size": "64x64", "sampler": "nope"},
+    {"prompt": "x", "size": "64x64", "cfg_scale": float("inf")},
+    {"prompt": ["x"], "size": "64x64"},
+    {"prompt": "x", "n": 0},
+])
+def test_bad_bodies_are_4xx(client, body, caplog):
+    with caplog.at_level(logging.ERROR):
+        r = client.post("/v1/images/generations", content=json.dumps(body), headers={"content-type": "application/json"})
+    _openai_error(r)
+    assert not [rec for rec in caplog.records if rec.exc_info], "a client error logged a traceback"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (16384, 1), (3, 4000)])
+def test_odd_uploads_are_4xx_and_the_connection_lives(client, size):
+    files = {"image": ("x.png", _png(*size), "image/png")}
+    r = client.post("/v1/images/edits", files=files, data={"prompt": "x", "size": "64x64", "steps": "1"})
+    _openai_error(r)
+    assert client.get("/health").status_code == 200          # the same kept-alive connection
+
+
+def test_refusals_are_counted(client):
+    before = client.get("/metrics").text
+    client.post("/v1/images/generations", json={"prompt": "x", "size": "bad"})
+    after = client.get("/metrics").text
+
+    def count(text):
+        lines = [ln for ln in text.splitlines() if ln.startswith('sdcpp_refused_total{status="400"}')]
+        return int(lines[0].split()[-1]) if lines else 0
+    assert count(after) == count(before) + 1
+
+
+def test_results_are_capped_by_count(client):
+    ids = []
+    for i in range(LIMITS.max_results + 2):
+        r = client.post("/v1/jobs", json={"prompt": f"kept {i}", "size": "64x64", "steps": 1, "seed": i})
+        assert r.status_code == 202, r.text
+        ids.append(r.json()["id"])
+        deadline = time.monotonic() + 60
+        while client.get(f"/v1/jobs/{ids[-1]}").json()["state"] != "completed":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert client.get(f"/v1/jobs/{ids[0]}").status_code == 410          # the oldest went first
+    assert client.get(f"/v1/jobs/{ids[-1]}").json()["state"] == "completed"
+
+
+def test_idle_event_streams_hold_no_thread(server, client):
+    """Listeners of a job that waits in the queue: a bad upload's 400 is as quick with 60 of them."""
+    def bad_upload() -> float:
+        start = time.perf_counter()
+        r = client.post("/v1/images/edits", files={"image": ("x.png", b"not a png", "image/png")},
+                        data={"prompt": "x"})
+        assert r.status_code == 400
+        return time.perf_counter() - start
+
+    quiet = min(bad_upload() for _ in range(3))
+    running = client.post("/v1/jobs", json={"prompt": "a long walk", "size": "512x512", "steps": 60, "seed": 1})
+    waiting = client.post("/v1/jobs", json={"prompt": "behind it", "size": "64x64", "steps": 1})
+    job = waiting.json()["id"]
+    stop = threading.Event()
+    opened = []
+
+    def listen() -> None:
+        with httpx.Client(base_url=server, timeout=120) as c, c.stream("GET", f"/v1/jobs/{job}/events") as r:
+            opened.append(r.status_code)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+    threads = [threading.Thread(target=listen, daemon=True) for _ in range(60)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(opened) < len(threads):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    busy = min(bad_upload() for _ in range(3))
+    stop.set()
+    client.delete(f"/v1/jobs/{running.json()['id']}")
+    client.delete(f"/v1/jobs/{job}")
+    for t in threads:
+        t.join(30)
+    print(f"bad upload: {quiet * 1000:.0f} ms alone, {busy * 1000:.0f} ms with 60 idle listeners")
+    assert busy < max(0.5, 5 * quiet)
+
+
+def test_limits_are_checked():
+    for bad in ({"max_n": "2"}, {"max_queue": -1}, {"max_body_bytes": 0}, {"result_ttl_s": float("nan")},
+                {"max_n": True}):
+        with pytest.raises(InvalidArgumentError, match="limits"):
+            Limits(**bad)
+
+
+def test_config_limits_are_checked(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"models": [{"diffusion_model": "m.gguf"}], "limits": {"max_n": "8"}}))
+    with pytest.raises(InvalidArgumentError, match="max_n"):
+        load_config(cfg)
+    cfg.write_text(json.dumps({"models": [{"diffusion_model": "m.gguf"}], "limits": [1]}))
+    with pytest.raises(InvalidArgumentError, match="limits"):
+        load_config(cfg)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {"SDCPP_PY_API_KEY": ""}, "SDCPP_PY_API_KEY is empty"),
+    (["--api-key", " "], {}, "--api-key is empty"),
+    (["--host", "0.0.0.0"], {}, "reachable from other machines"),
+    (["--max-body-mb", "0"], {}, "max_body_bytes"),
+])
+def test_serve_refuses_unsafe_settings(tiny_sets, tmp_path, args, env, message):
+    m = tiny_sets["z-image-turbo"]
+    base = {k: v for k, v in os.environ.items() if k != "SDCPP_PY_API_KEY"}
+    run = subprocess.run([sys.executable, "-m", "sdcpp_py", "serve", "--diffusion-model", str(m.diffusion_model),
+                          "--llm", str(m.llm), "--vae", str(m.vae), "--port", "0", "--max-seconds", "5", *args],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**base, **env})
+    assert run.returncode == 2 and message in run.stderr, run.stderr
