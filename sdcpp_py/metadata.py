@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from ._version import ENGINE_COMMIT, ENGINE_VERSION, __version__
 from .errors import InvalidArgumentError
-from .fileid import file_hash
+from .fileid import file_hash, write_whole
 from .settings import GenerationSettings, parse_request, request
 
 logger = logging.getLogger("sdcpp_py")
@@ -178,10 +178,20 @@ def _pnginfo(parameters: ImageParameters | None) -> PngImagePlugin.PngInfo:
 
 
 def save_png(image: Image.Image, path: str | Path, parameters: ImageParameters | None) -> Path:
-    """Write ``image`` as PNG with a ``parameters`` text chunk (none when ``parameters`` is None)."""
+    """Write ``image`` as PNG with a ``parameters`` text chunk (none when ``parameters`` is None),
+    whole (by rename: an interrupted write leaves no partial file)."""
     p = Path(path)
-    image.save(p, format="PNG", pnginfo=_pnginfo(parameters))
+    write_whole(p, png_bytes(image, parameters))
     return p
+
+
+def image_bytes(image: Image.Image, suffix: str, parameters: ImageParameters | None = None) -> bytes:
+    """The file of ``image`` in the format its suffix names (PNG: with ``parameters``)."""
+    if suffix.lower() == ".png":
+        return png_bytes(image, parameters)
+    buf = io.BytesIO()
+    image.save(buf, format=Image.registered_extensions().get(suffix.lower(), "PNG"))
+    return buf.getvalue()
 
 
 def png_bytes(image: Image.Image, parameters: ImageParameters | None) -> bytes:

@@ -9,6 +9,7 @@ what it is given and Python copies what it gets back, so no pointer outlives a c
 
 from __future__ import annotations
 
+import io
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SdcppError
+from .fileid import write_whole
 from .settings import GenerationSettings
 
 PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
@@ -52,9 +54,10 @@ class Conditioning:
         meta = {"format": _FORMAT, "family": self.family, "encoder": self.encoder, "prompt": self.prompt,
                 "negative_prompt": self.negative_prompt, "parts": [list(k) for k in self.parts]}
         arrays = {f"part{i}": a for i, a in enumerate(self.parts.values())}
-        with p.open("wb") as f:
-            arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs take ** for allow_pickle
+        arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stubs take ** for allow_pickle
+        write_whole(p, buf.getvalue())
         return p
 
     @classmethod

@@ -189,3 +189,37 @@ def test_serve_refuses_unsafe_settings(tiny_sets, tmp_path, args, env, message):
                           "--llm", str(m.llm), "--vae", str(m.vae), "--port", "0", "--max-seconds", "5", *args],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env={**base, **env})
     assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_prompt_file_outputs_stay_in_the_output_folder(tiny_sets, tmp_path, capsys):
+    from sdcpp_py.cli import main
+
+    m = tiny_sets["z-image-turbo"]
+    base = ["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae), "-W", "64",
+            "-H", "64", "--steps", "1", "-t", "2", "--no-progress", "-o", str(tmp_path / "out" / "img.png")]
+    prompts = tmp_path / "prompts.txt"
+    for bad in ("../escape.png", str(tmp_path / "absolute.png"), "sub/../../escape.png"):
+        prompts.write_text(json.dumps({"prompt": "x", "output": bad}) + "\n")
+        assert main([*base, "--prompt-file", str(prompts)]) == 2
+        assert "leaves -o's folder" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+    prompts.write_text(json.dumps({"prompt": "x", "output": "sub/ok.png"}) + "\n")
+    assert main([*base, "--prompt-file", str(prompts)]) == 0
+    assert (tmp_path / "out" / "sub" / "ok.png").is_file()
+    prompts.write_text(json.dumps({"prompt": "x", "output": "../escape.png"}) + "\n")
+    assert main([*base, "--prompt-file", str(prompts), "--allow-output-outside"]) == 0
+    assert (tmp_path / "escape.png").is_file()
+    assert main([*base[:-1], str(tmp_path / "{index:>999999999}.png"), "-p", "x"]) == 2
+    assert "template width" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.startswith(".")]   # no temporary left
+
+
+def test_the_demo_says_what_its_image_is(tmp_path, monkeypatch, capsys):
+    from sdcpp_py.cli import main
+
+    monkeypatch.setenv("SDCPP_PY_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "-o", str(tmp_path / "demo.png"), "-W", "64", "-H", "64", "--steps", "1",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "random" in err and "noise" in err and "sdcpp-py download z-image-turbo" in err
+    assert (tmp_path / "demo.png").is_file()

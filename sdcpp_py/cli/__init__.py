@@ -23,6 +23,12 @@ from ..fileid import cache_dir
 from .sdcli import CliError, parse, print_error
 
 DEMO_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
+DEMO_NOTE = """\
+sdcpp-py demo: the image comes from a synthetic {family} model the package wrote, with random
+weights: coloured noise, by design. It shows the install works, not what the model draws.
+For a real image (several GB of downloads, then minutes per image on a CPU):
+  sdcpp-py download {family}        # prints the paths of the three files
+  sdcpp-py --diffusion-model DIFFUSION_MODEL --llm LLM --vae VAE -p "a lighthouse at dawn" -o lighthouse.png"""
 SUBCOMMANDS = ("demo", "info", "download", "convert", "generate", "serve", "sweep")
 
 
@@ -81,7 +87,10 @@ def _demo(argv: list[str]) -> int:
     models = write_model_set(own.family, own.cache / "synthetic", size=own.size, seed=0)
     defaults = ["-W", "256", "-H", "256", "--steps", "4", "-p", DEMO_PROMPT]
     files = ["--diffusion-model", str(models.diffusion_model), "--llm", str(models.llm), "--vae", str(models.vae)]
-    return _sd_cli(files + defaults + rest)     # later flags win
+    code = _sd_cli(files + defaults + rest)     # later flags win
+    if code == 0:
+        print(DEMO_NOTE.format(family=own.family), file=sys.stderr)
+    return code
 
 
 def _info(argv: list[str]) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ from .sdcli import CliError
 LINE_ALIASES = {"sampling_method": "sampler"}
 LINE_OWN = ("seeds", "init_img", "ref_images", "output")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-_PRINTF = re.compile(r"(?:[^%]|^)(?:%%)*(%\d{0,3}d)")
+MAX_WIDTH = 64                     # a {field:>N} or %Nd width at most (a huge one allocates the string)
+_PRINTF = re.compile(r"(?:[^%]|^)(?:%%)*(%\d{0,2}d)")
 
 
 @dataclass
@@ -140,13 +142,30 @@ def slug(prompt: str, words: int = 6) -> str:
 class OutputNames:
     """File names for the images of one run, by sd-cli's rules (see the module's docstring)."""
 
-    def __init__(self, output: str, total: int, begin: int = -1) -> None:
+    def __init__(self, output: str, total: int, begin: int = -1, allow_outside: bool = False) -> None:
         self.output = output
         self.total = total
         self.begin = max(begin, 0)
+        self.allow_outside = allow_outside
 
     def name(self, index: int, job: Job, seed: int, settings: Any) -> Path:
+        """The image's path; a prompt file's ``output`` is relative to -o's folder and stays in it."""
+        out = self._name(index, job, seed, settings)
+        if job.output is None:
+            return out
+        base = Path(self.output).parent
+        if not self.allow_outside and (out.is_absolute() or not (base / out).resolve().is_relative_to(base.resolve())):
+            raise CliError(f"--prompt-file: output {job.output!r} leaves -o's folder ({base}); "
+                           "--allow-output-outside allows it")
+        return base / out
+
+    def _name(self, index: int, job: Job, seed: int, settings: Any) -> Path:
         pattern = job.output or self.output
+        if not isinstance(pattern, str):
+            raise CliError(f"--prompt-file: output must be a string, not {type(pattern).__name__}")
+        widths = [int(w) for _, _, spec, _ in _fields(pattern) for w in re.findall(r"\d+", spec or "")]
+        if any(w > MAX_WIDTH for w in widths):
+            raise CliError(f"-o {pattern[:60]!r}: a template width over {MAX_WIDTH}")
         fields = {"index": self.begin + index, "prompt_index": job.prompt_index, "seed": seed,
                   "steps": settings.steps, "width": settings.width, "height": settings.height,
                   "slug": slug(job.prompt)}
@@ -165,6 +184,13 @@ class OutputNames:
             path = pattern
         out = Path(path)
         return out if out.suffix.lower() in IMAGE_SUFFIXES else out.with_name(out.name + ".png")
+
+
+def _fields(pattern: str) -> list[tuple[str, str | None, str | None, str | None]]:
+    try:
+        return list(string.Formatter().parse(pattern)) if "{" in pattern else []
+    except ValueError as e:
+        raise CliError(f"-o {pattern[:60]!r}: bad template ({e})") from None
 
 
 def _printf(pattern: str, index: int) -> str:

@@ -22,8 +22,8 @@ from PIL import Image
 
 from .. import Preview
 from .._images import open_image, size_of
-from ..fileid import file_hash
-from ..metadata import ImageParameters, image_parameters, read_parameters, save_png
+from ..fileid import file_hash, write_whole
+from ..metadata import ImageParameters, image_bytes, image_parameters, read_parameters
 from ..modelset import model_set
 from ..pipeline import Pipeline
 from ..settings import TqdmProgress, parse_request
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     models = model_set("", {**model_files(args), "preset": args.preset, "settings": {
         **context_settings(args, stored.context if stored else None), "tae_preview_only": args.taesd_preview_only}})
     total = sum(len(j.seeds) for j in jobs)
-    names = OutputNames(args.output, total, args.output_begin_idx)
+    names = OutputNames(args.output, total, args.output_begin_idx, args.allow_output_outside)
     summary: dict[str, Any] = {"outputs": [], "seeds": [], "prompts": len(jobs)}
     start = time.perf_counter()
     preview = _preview(args)
@@ -117,10 +117,7 @@ def run(args: argparse.Namespace) -> int:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     params = (None if args.disable_image_metadata
                               else image_parameters(pipe, item.settings, item.seed, weights))
-                    if path.suffix.lower() == ".png":
-                        save_png(item.image, path, params)
-                    else:
-                        item.image.save(path)
+                    write_whole(path, image_bytes(item.image, path.suffix, params))   # whole: Ctrl-C leaves none half
                     logger.info("save result image %d to '%s' (denoise %.2f s, decode %.2f s)", index, path,
                                 item.timings["denoise_s"], item.timings["decode_s"])
                     summary["outputs"].append(str(path))
@@ -148,7 +145,7 @@ def _preview(args: argparse.Namespace) -> Preview | None:
 
     def write(step: int, image: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
+        write_whole(path, image_bytes(Image.fromarray(image), path.suffix))
 
     return Preview(write, mode=args.preview, interval=args.preview_interval, noisy=args.preview_noisy)
 

@@ -146,6 +146,8 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     ours.add_argument("--prompt-file", type=Path,
                       help="one prompt per line, or JSON lines with per-line settings; models load once, "
                            "each prompt is encoded once")
+    ours.add_argument("--allow-output-outside", action="store_true",
+                      help="let a prompt file's \"output\" leave -o's folder (absolute paths, ..)")
     ours.add_argument("--seeds", help="comma-separated seeds: every prompt with each (1,2,3)")
     ours.add_argument("--seed-range", help="seeds A to B inclusive (A:B)")
     ours.add_argument("--from-png", type=Path, help="regenerate an image from its metadata (flags override)")
