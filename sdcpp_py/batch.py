@@ -65,10 +65,12 @@ class RowWorker:
     sets sharing a text encoder file hand it over instead of loading it again."""
 
     def __init__(self, models: dict[str, ModelSet], *, n_threads: int | None = None,
-                 cpu_variant: str | None = None) -> None:
+                 cpu_variant: str | None = None, require_cpu: str | None = None) -> None:
         self.models = models
         self.n_threads = n_threads
         self.cpu_variant = backends.load(cpu_variant)
+        if require_cpu is not None and self.cpu_variant != require_cpu:
+            raise InvalidArgumentError(other_cpu(require_cpu, self.cpu_variant))
         self.node = socket.gethostname()
         self.pipe: Pipeline | None = None
         self.model: str | None = None
@@ -159,6 +161,24 @@ class OutputDir:
         self.path = Path(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
 
+    def claim(self, cpu_variant: str, allow_other_cpu: bool = False) -> str | None:
+        """Record the CPU module the folder's images are made with (``.sweep.json``), or check it:
+        another module's pixels differ by a few levels. Returns the module rows must be made with
+        (None: any)."""
+        manifest = self.path / ".sweep.json"
+        try:
+            recorded = json.loads(manifest.read_text()).get("cpu_variant")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded is None:
+            write_whole(manifest, json.dumps({"cpu_variant": cpu_variant, "sdcpp_py": __version__}).encode())
+            recorded = cpu_variant
+        if allow_other_cpu:
+            return None
+        if recorded != cpu_variant:
+            raise InvalidArgumentError(other_cpu(recorded, cpu_variant))
+        return str(recorded)
+
     def done(self) -> set[str]:
         """The rows with both files (an image deleted by hand is made again)."""
         pngs = {p.stem for p in self.path.glob("*.png")}
@@ -228,13 +248,20 @@ def pending(grid: Grid, out: OutputDir) -> tuple[dict[str, list[Row]], int]:
     return todo, sum(r.row_id in done for r in grid.rows)
 
 
+def other_cpu(recorded: str, here: str) -> str:
+    return (f"the sweep's images were made with ggml's {recorded} CPU module and this is {here}: its pixels "
+            "differ by a few levels (pin the module with cpu_variant / --cpu-variant, or allow_other_cpu / "
+            "--allow-other-cpu to mix them)")
+
+
 def run(grid: Grid, out_dir: str | Path, *, n_threads: int | None = None, cpu_variant: str | None = None,
-        on_row: Callable[[RowOutput], None] | None = None) -> SweepReport:
+        on_row: Callable[[RowOutput], None] | None = None, allow_other_cpu: bool = False) -> SweepReport:
     """The grid in this process: one resident pipeline per model set, one after the other."""
     start = time.perf_counter()
     out = OutputDir(Path(out_dir))
     todo, skipped = pending(grid, out)
     worker = RowWorker(grid.models, n_threads=n_threads, cpu_variant=cpu_variant)
+    out.claim(worker.cpu_variant, allow_other_cpu)
     try:
         for rows in todo.values():
             for made in worker.run(rows):

@@ -247,3 +247,33 @@ def test_model_sets_sharing_an_encoder_hand_it_over(tiny_sets, pipelines, tmp_pa
     ref = np.asarray(pipelines["z-image-turbo"].generate("a cat", seed=2, width=64, height=64, steps=1).image)
     for r in g.rows:
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"{r.row_id}.png")), ref)
+
+
+def test_ids_follow_the_weights_not_their_names_and_the_cpu_module_is_kept(tmp_path):
+    from sdcpp_py.synthetic import write_model_set
+
+    a = write_model_set("z-image-turbo", tmp_path / "a", size="tiny", seed=1)
+    spec = {"models": {"tiny": {"diffusion_model": str(a.diffusion_model), "llm": str(a.llm), "vae": str(a.vae)}},
+            "defaults": {"size": "64x64", "steps": 1, "prompt": "a red door"}, "sweeps": {"s": {"seed": [1, 2]}},
+            "rows": [{"prompt": "a blue boat", "seed": 3, "sampler": "Euler"},
+                     {"prompt": "a blue boat", "seed": 3, "sampler": "euler"}]}
+    g = grids.build(spec)
+    assert len(g.rows) == 3                                  # "Euler" and "euler": one row
+    out = tmp_path / "out"
+    assert run(g, out, n_threads=2).made == 3
+    # other weights under the same file names: every row is new
+    b = write_model_set("z-image-turbo", tmp_path / "b", size="tiny", seed=2)
+    b.diffusion_model.replace(a.diffusion_model)
+    swapped = grids.build(spec)
+    assert not {r.row_id for r in swapped.rows} & {r.row_id for r in g.rows}
+    again = run(swapped, out, n_threads=2)
+    assert (again.made, again.skipped) == (3, 0)
+    # the folder keeps the CPU module its images were made with
+    manifest = out / ".sweep.json"
+    recorded = json.loads(manifest.read_text())["cpu_variant"]
+    assert recorded == json.loads((out / f"{g.rows[0].row_id}.json").read_text())["cpu_variant"]
+    manifest.write_text(json.dumps({"cpu_variant": "another-module"}))
+    (out / f"{g.rows[0].row_id}.json").unlink()
+    with pytest.raises(InvalidArgumentError, match="another-module CPU module"):
+        run(swapped, out, n_threads=2)
+    assert run(g, out, n_threads=2, allow_other_cpu=True).made == 1

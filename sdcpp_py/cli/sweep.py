@@ -33,6 +33,8 @@ def sweep_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cpus-per-actor", type=float, default=1, help="Ray: CPUs per actor, its threads (default 1)")
     ap.add_argument("-t", "--threads", type=int, help="in-process: threads (default: the physical cores)")
     ap.add_argument("--cpu-variant", help="pin ggml's CPU module (e.g. haswell, zen4) on every node")
+    ap.add_argument("--allow-other-cpu", action="store_true",
+                    help="add to a folder made with another CPU module (its pixels differ by a few levels)")
     ap.add_argument("--unit-rows", type=int, default=8,
                     help="Ray: rows per work unit at most (what an actor's death can cost; default 8)")
     ap.add_argument("--passes", type=int, default=3, help="Ray: runs over what is still missing (default 3)")
@@ -61,7 +63,7 @@ def sweep_command(argv: list[str]) -> int:
             raise CliError("--ray needs Ray Data: pip install 'sdcpp-py[ray]'") from None
         report = run_grid(grid, args.output, address=args.ray or None, actors=args.actors,
                           cpus_per_actor=args.cpus_per_actor, cpu_variant=args.cpu_variant, passes=args.passes,
-                          unit_rows=args.unit_rows)
+                          unit_rows=args.unit_rows, allow_other_cpu=args.allow_other_cpu)
     else:
         total = len(grid.rows)
 
@@ -69,6 +71,7 @@ def sweep_command(argv: list[str]) -> int:
             print(f"{made.row_id}.png  {made.record['total_s']:.2f} s", file=sys.stderr)
 
         logger.info("%d rows", total)
-        report = run(grid, args.output, n_threads=args.threads, cpu_variant=args.cpu_variant, on_row=show)
+        report = run(grid, args.output, n_threads=args.threads, cpu_variant=args.cpu_variant, on_row=show,
+                     allow_other_cpu=args.allow_other_cpu)
     print(json.dumps(report.to_dict(), indent=2))
     return 0 if not report.missing else 1

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import backends
 from ..batch import OutputDir, RowOutput, RowWorker, SweepReport, group_by_prompt, pending
 from ..errors import InvalidArgumentError, SdcppError
 from ..grid import Grid, Row, rows_from_table
@@ -93,9 +94,10 @@ class SweepActor:
     """The actor of the pool: one RowWorker (one resident Pipeline) per actor process."""
 
     def __init__(self, models: dict[str, dict[str, Any]], cpu_variant: str | None = None,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, require_cpu: str | None = None) -> None:
         sets = {name: ModelSet(name, m["files"], m["settings"], m["preset"]) for name, m in models.items()}
-        self.worker = RowWorker(sets, n_threads=n_threads or _assigned_cpus(1), cpu_variant=cpu_variant)
+        self.worker = RowWorker(sets, n_threads=n_threads or _assigned_cpus(1), cpu_variant=cpu_variant,
+                                require_cpu=require_cpu)
         self.node_id = _node_id()
         logger.info("sweep actor on %s: %s CPU module, %d threads", self.worker.node, self.worker.cpu_variant,
                     self.worker.n_threads or 0)
@@ -118,7 +120,7 @@ def _model_payload(models: dict[str, ModelSet]) -> dict[str, dict[str, Any]]:
 
 
 def _pass(ray: Any, grid: Grid, todo: dict[str, list[Row]], out: OutputDir, *, actors: int,
-          cpus_per_actor: float, cpu_variant: str | None, unit_rows: int) -> None:
+          cpus_per_actor: float, cpu_variant: str | None, require_cpu: str | None, unit_rows: int) -> None:
     units = [unit for rows in todo.values() for unit in group_by_prompt(rows, parts=actors, max_rows=unit_rows)]
     units.sort(key=lambda u: u[0].model)     # one model set after the other; a prompt's units side by side
     items = [{"unit": json.dumps([r.to_dict() for r in u])} for u in units]
@@ -132,7 +134,7 @@ def _pass(ray: Any, grid: Grid, todo: dict[str, list[Row]], out: OutputDir, *, a
                               compute=ray.data.ActorPoolStrategy(size=min(actors, len(items)),
                                                                  max_tasks_in_flight_per_actor=1),
                               fn_constructor_kwargs={"models": _model_payload(grid.models),
-                                                     "cpu_variant": cpu_variant},
+                                                     "cpu_variant": cpu_variant, "require_cpu": require_cpu},
                               num_cpus=cpus_per_actor, max_task_retries=TASK_RETRIES)
     ctx = made.context
     ctx.target_max_block_size = 1            # every row its own block, sent back as it is made
@@ -143,14 +145,15 @@ def _pass(ray: Any, grid: Grid, todo: dict[str, list[Row]], out: OutputDir, *, a
 
 def run_grid(grid: Grid, out_dir: str | Path, *, address: str | None = None, actors: int = 1,
              cpus_per_actor: float = 1, cpu_variant: str | None = None, passes: int = 3,
-             unit_rows: int = 8) -> SweepReport:
+             unit_rows: int = 8, allow_other_cpu: bool = False) -> SweepReport:
     """Make the grid's missing rows on Ray: ``actors`` actors of ``cpus_per_actor`` CPUs each
     (spread over the nodes); images and records written under ``out_dir`` on this machine,
     then ``results.parquet``. ``address``: a running cluster ("auto", "ray://host:10001");
     None starts (or joins) a local one. ``cpu_variant`` pins ggml's CPU module on every node
     (images differ by a few levels between AVX2 and AVX-512 modules). ``unit_rows``: rows per
     work unit at most (a prompt's rows are split into units; an actor keeps a prompt's encoding
-    in its cache for the next unit of that prompt)."""
+    in its cache for the next unit of that prompt). The folder records the CPU module its images
+    are made with; actors on another one refuse unless ``allow_other_cpu``."""
     ray = _require_ray()
     if actors < 1 or cpus_per_actor <= 0 or passes < 1 or unit_rows < 1:
         raise InvalidArgumentError("actors, passes and unit_rows must be >= 1 and cpus_per_actor > 0")
@@ -160,15 +163,16 @@ def run_grid(grid: Grid, out_dir: str | Path, *, address: str | None = None, act
         _init(ray, address)
     try:
         return _run(ray, grid, Path(out_dir), start, actors=actors, cpus_per_actor=cpus_per_actor,
-                    cpu_variant=cpu_variant, passes=passes, unit_rows=unit_rows)
+                    cpu_variant=cpu_variant, passes=passes, unit_rows=unit_rows, allow_other_cpu=allow_other_cpu)
     finally:
         if ours:
             ray.shutdown()
 
 
 def _run(ray: Any, grid: Grid, out_dir: Path, start: float, *, actors: int, cpus_per_actor: float,
-         cpu_variant: str | None, passes: int, unit_rows: int) -> SweepReport:
+         cpu_variant: str | None, passes: int, unit_rows: int, allow_other_cpu: bool) -> SweepReport:
     out = OutputDir(out_dir)
+    require = out.claim(cpu_variant or backends.cpu_variant(), allow_other_cpu)
     todo, skipped = pending(grid, out)
     for attempt in range(passes):
         if not todo:
@@ -178,7 +182,7 @@ def _run(ray: Any, grid: Grid, out_dir: Path, start: float, *, actors: int, cpus
                            sum(map(len, todo.values())))
         try:
             _pass(ray, grid, todo, out, actors=actors, cpus_per_actor=cpus_per_actor, cpu_variant=cpu_variant,
-                  unit_rows=unit_rows)
+                  require_cpu=require, unit_rows=unit_rows)
         except Exception as e:
             # a fault Ray could not ride out: what is written stays, the rest runs again; an
             # error of ours (a model that does not load, a bad row) would only repeat
