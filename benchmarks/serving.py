@@ -6,8 +6,10 @@
 In one child process per family: the server's own resident pipeline generates N images
 directly (the in-process baseline), then the same N requests go through a real uvicorn on
 127.0.0.1 one at a time (latency per request), then 2N requests from 4 clients at once
-(requests per minute, p50/p95 latency). Upstream's sd-server is not in the pinned engine
-(its examples/ holds only the CLI), so there is no sd-server row.
+(requests per minute, p50/p95 latency), then a bad upload's 400 alone and beside 200 idle
+event-stream listeners (a job waiting behind a long one), then prompt encodings of growing
+length with the default token limit (512) and without it. Upstream's sd-server is not in the
+pinned engine (its examples/ holds only the CLI), so there is no sd-server row.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import resource
 import socket
 import statistics
 import sys
@@ -73,8 +76,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     with ThreadPoolExecutor(4) as pool:
         concurrent = list(pool.map(request, range(200, 200 + 2 * n)))
     wall = time.perf_counter() - t
+    listeners = idle_listeners(url, w, h, spec.get("listeners", 200))
     server.should_exit = True
     thread.join(60)
+    prompts = long_prompts(pipe)
     registry.close()
     q = statistics.quantiles(concurrent, n=20) if len(concurrent) >= 2 else concurrent * 19
     return {"load_s": round(load_s, 2), "direct_s_per_image": round(statistics.mean(direct), 3),
@@ -82,7 +87,74 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             "http_overhead": ratio(statistics.mean(sequential), statistics.mean(direct)),
             "requests_per_minute_4_clients": round(60 * len(concurrent) / wall, 2),
             "direct_images_per_minute": round(60 / statistics.mean(direct), 2),
-            "latency_p50_s": round(statistics.median(concurrent), 3), "latency_p95_s": round(q[18], 3)}
+            "latency_p50_s": round(statistics.median(concurrent), 3), "latency_p95_s": round(q[18], 3),
+            **listeners, "prompts": prompts}
+
+
+def idle_listeners(url: str, w: int, h: int, count: int) -> dict[str, Any]:
+    """A bad upload's 400, alone and with ``count`` idle event streams open (on a job that waits
+    behind a long one): the streams must hold no thread of the server."""
+    import httpx
+
+    def bad_upload() -> float:
+        t = time.perf_counter()
+        r = httpx.post(f"{url}/v1/images/edits", files={"image": ("x.png", b"not a png", "image/png")},
+                       data={"prompt": "x"}, timeout=60)
+        assert r.status_code == 400, r.text
+        return time.perf_counter() - t
+
+    alone = statistics.median(bad_upload() for _ in range(9))
+    running = httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT, "size": f"{w}x{h}", "steps": 200}).json()["id"]
+    waiting = httpx.post(f"{url}/v1/jobs", json={"prompt": PROMPT, "size": f"{w}x{h}", "steps": 1}).json()["id"]
+    opened, stop = [], threading.Event()
+
+    def listen() -> None:
+        with httpx.Client(timeout=600) as c, c.stream("GET", f"{url}/v1/jobs/{waiting}/events") as r:
+            opened.append(r.status_code)
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+    threads = [threading.Thread(target=listen, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(opened) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    busy = statistics.median(bad_upload() for _ in range(9))
+    stop.set()
+    for job in (running, waiting):
+        httpx.delete(f"{url}/v1/jobs/{job}")
+    for t in threads:
+        t.join(60)
+    return {"listeners": len(opened), "bad_upload_ms_alone": round(alone * 1000, 1),
+            "bad_upload_ms_with_listeners": round(busy * 1000, 1), "listener_slowdown": ratio(busy, alone)}
+
+
+def long_prompts(pipe: Any) -> list[dict[str, Any]]:
+    """Encode seconds and peak RSS for prompts of growing length, at the default limit (512 tokens:
+    cut) and without one. CJK text: about one token per character."""
+    import dataclasses
+
+    rows = []
+    base = "山间小路，晨雾，松树，远处的灯塔，油画风格。"
+    for chars in (200, 2000, 8000):
+        text = (base * (chars // len(base) + 1))[:chars]
+        for limit in ("512", "none"):
+            if limit == "none" and chars > 2000:
+                continue                      # minutes and tens of GB at full size: the point of the limit
+            original = pipe.settings
+            if limit == "none":
+                pipe.settings = dataclasses.replace(original, max_prompt_tokens=1 << 20)
+            try:
+                t = time.perf_counter()
+                cond = pipe.encode(text, use_cache=False)
+                seconds = time.perf_counter() - t
+            finally:
+                pipe.settings = original
+            rows.append({"chars": chars, "limit": limit, "tokens": pipe.engine.count_tokens(text),
+                         "encoded_tokens": int(cond.context.shape[-2]), "encode_s": round(seconds, 3),
+                         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+    return rows
 
 
 def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
@@ -103,7 +175,14 @@ def markdown(res: dict[str, Any]) -> list[str]:
             f"| HTTP, one client | {res['http_s_per_request']} (x{res['http_overhead']}) | "
             f"{round(60 / res['http_s_per_request'], 2)} | |",
             f"| HTTP, 4 clients | | {res['requests_per_minute_4_clients']} | {res['latency_p50_s']} / "
-            f"{res['latency_p95_s']} |", "",
+            f"{res['latency_p95_s']} |",
+            f"| a bad upload's 400, alone / beside {res['listeners']} idle event streams | "
+            f"{res['bad_upload_ms_alone']} / {res['bad_upload_ms_with_listeners']} ms "
+            f"(x{res['listener_slowdown']}) | | |", "",
+            "| prompt (CJK characters) | token limit | tokens | encoded | encode s | peak RSS MB (so far) |",
+            "|---|---|---|---|---|---|",
+            *[f"| {p['chars']} | {p['limit']} | {p['tokens']} | {p['encoded_tokens']} | {p['encode_s']} | "
+              f"{p['peak_rss_mb']} |" for p in res["prompts"]], "",
             "sd-server: not in the pinned engine (examples/ has only the CLI); no row.", ""]
 
 

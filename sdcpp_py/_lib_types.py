@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Protocol, TypeAlias
 
 __all__ = ["BackendDev", "BackendReg", "CData", "CStr", "CStruct", "CharP", "ImageP", "Lib", "SdCtx", "SdImage",
-           "ShimResult", "UpscalerCtx", "VoidP"]
+           "ShimResult", "Tokenizer", "UpscalerCtx", "VoidP"]
 
 
 class CData:
@@ -45,6 +45,10 @@ class SdCtx(CData):
 
 class UpscalerCtx(CData):
     """``upscaler_ctx_t*``."""
+
+
+class Tokenizer(CData):
+    """``sdcpp_tokenizer_t*``: a text encoder's tokenizer, owned by its handle."""
 
 
 class ShimResult(CData):
@@ -196,6 +200,9 @@ class Lib(Protocol):
     def sdcpp_component_release(self, ctx: SdCtx, component: int, /) -> int: ...
     def sdcpp_component_reload(self, ctx: SdCtx, component: int, path: CStr, /) -> int: ...
     def sdcpp_share_encoder(self, owner: SdCtx, borrower: SdCtx, /) -> int: ...
+    def sdcpp_tokenizer(self, ctx: SdCtx, /) -> Tokenizer: ...
+    def sdcpp_tokenizer_count(self, tokenizer: Tokenizer, text: CStr, count: CData, /) -> int: ...
+    def sdcpp_tokenizer_free(self, tokenizer: Tokenizer, /) -> None: ...
     def sdcpp_rebind_encoder(self, ctx: SdCtx, /) -> int: ...
     def sdcpp_cancel(self, /) -> None: ...
     def sdcpp_cancel_clear(self, /) -> None: ...

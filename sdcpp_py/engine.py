@@ -63,6 +63,7 @@ class Engine(Owner):
         self.stamps = {ENCODER: stamp(paths.get("llm")), DIFFUSION: stamp(paths.get("diffusion_model"))}
         self.thread = thread
         self.handle: ContextHandle | None = None
+        self.tokenizer: Any = None             # the text encoder's tokenizer (a handle of its own)
         self.load_seconds = 0.0
 
     # -- running ---------------------------------------------------------------------------
@@ -121,7 +122,19 @@ class Engine(Owner):
 
         ctx, self.load_seconds = self.thread.run(create, owner=self, discard=lambda r: lib.sdcpp_free_ctx(r[0]))
         self.handle = ContextHandle(ctx)
+        tokenizer = self.thread.run(lambda: lib.sdcpp_tokenizer(ctx))
+        self.tokenizer = ffi.gc(tokenizer, lib.sdcpp_tokenizer_free) if tokenizer != ffi.NULL else None
         return self.load_seconds
+
+    def count_tokens(self, text: str) -> int | None:
+        """The tokens of ``text`` for the text encoder (None: not an LLM encoder). Runs on the
+        caller's thread, never behind an engine call: the tokenizer is a handle of its own."""
+        tokenizer = self.tokenizer            # held for the call, whatever close() does meanwhile
+        if tokenizer is None:
+            return None
+        count = ffi.new("int64_t*")
+        check(lib.sdcpp_tokenizer_count(tokenizer, text.encode(), count))
+        return int(count[0])
 
     @property
     def closed(self) -> bool:
@@ -129,7 +142,7 @@ class Engine(Owner):
 
     def close(self) -> None:
         """Free the context once the calls queued before have run (their callers wait for them)."""
-        handle = self.handle
+        handle, self.tokenizer = self.handle, None
         if handle is not None and handle.ptr is not None:
             self.thread.run(lambda: handle.free())
 

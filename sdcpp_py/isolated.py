@@ -127,7 +127,7 @@ def _child_main() -> None:
 
 # the Engine methods a worker serves
 _CALLS = frozenset({"open", "close", "loaded", "weight_bytes", "all_buffers", "release", "default_method",
-                    "generate", "encode", "denoise", "decode", "encode_image"})
+                    "count_tokens", "generate", "encode", "denoise", "decode", "encode_image"})
 
 
 def _serve(conn: Connection, kwargs: dict[str, Any], log_path: str) -> None:
@@ -431,6 +431,10 @@ class IsolatedEngine:
         return False
 
     # the engine's calls
+    def count_tokens(self, text: str) -> int | None:
+        count = self._call("count_tokens", text)
+        return None if count is None else _reply_as(int, count)
+
     def default_method(self, sampler: str | None) -> tuple[str, str]:
         return _reply_as(tuple, self._call("default_method", sampler))
 

@@ -77,6 +77,7 @@ class Pipeline:
         self.encoder_id = identity(self.paths["llm"] or self.paths["model"])
         self.encodings: EncodingCache[Conditioning] = EncodingCache(cache_size)
         self._engine_defaults: dict[str | None, tuple[str, str]] = {}   # sampler asked -> (sampler, scheduler)
+        self._token_counts: dict[str, int | None] = {}
         self.load_count = 0
         self.load_seconds = 0.0
         backends.load()
@@ -228,7 +229,38 @@ class Pipeline:
         defaults: dict[str, Any] = dict(self.preset.generation_defaults()) if self.preset else {}
         given = {k: v for k, v in overrides.items() if v is not None}
         s = request(**{**defaults, **given, "prompt": prompt, "seed": resolve_seed(overrides.get("seed"))})
+        text, negative = self._fit(s.prompt, "prompt"), self._fit(s.negative_prompt, "negative_prompt")
+        if (text, negative) != (s.prompt, s.negative_prompt):
+            s = dataclasses.replace(s, prompt=text, negative_prompt=negative)
         return self._complete(s)
+
+    def _fit(self, text: str, what: str) -> str:
+        """``text`` within ``max_prompt_tokens``: as it is, cut to its longest prefix within the limit
+        (a warning; the request then holds what was encoded) or refused, as ``long_prompts`` says.
+        Encoding time and memory grow with the square of the tokens: the limit bounds both."""
+        limit = self.settings.max_prompt_tokens
+        if len(text.encode()) <= limit:                    # a token holds at least one byte
+            return text
+        count = self._tokens(text)
+        if count is None or count <= limit:
+            return text
+        if self.settings.long_prompts == "refuse":
+            raise InvalidArgumentError(f"{what} is {count} tokens; this pipeline takes at most {limit} "
+                                       "(max_prompt_tokens; long_prompts='truncate' cuts instead)")
+        lo, hi = 0, len(text)
+        while lo < hi:                                      # the longest prefix within the limit
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if (self._tokens(text[:mid]) or 0) <= limit else (lo, mid - 1)
+        logger.warning("%s: %d tokens, cut to the first %d characters (%d tokens at most: max_prompt_tokens)",
+                       what, count, lo, limit)
+        return text[:lo]
+
+    def _tokens(self, text: str) -> int | None:
+        if text not in self._token_counts:
+            if len(self._token_counts) > 256:
+                self._token_counts.clear()
+            self._token_counts[text] = self.engine.count_tokens(text)
+        return self._token_counts[text]
 
     def _complete(self, s: GenerationSettings) -> GenerationSettings:
         """The sampler and scheduler the engine picks for this model filled in (asked once per
@@ -336,6 +368,9 @@ class Pipeline:
         """
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, not {type(negative_prompt).__name__}")
+        s = request(prompt=prompt, negative_prompt=negative_prompt or "")     # checked before it is counted
+        prompt = self._fit(prompt, "prompt")
+        negative_prompt = None if negative_prompt is None else self._fit(negative_prompt, "negative_prompt")
         key = (prompt, negative_prompt, self.encoder_id)
         if use_cache:
             hit = self.encodings.get(key)

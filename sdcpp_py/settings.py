@@ -111,6 +111,8 @@ class ContextSettings:
     device: int | str | None = None  # Vulkan device index, or a device name ("Vulkan1")
     release_encoder: bool = False        # text encoder loaded only while encoding (reloaded on demand)
     release_diffusion: bool = False      # diffusion model released while the text encoder works
+    max_prompt_tokens: int = 512         # per prompt: diffusers' max_sequence_length for both models
+    long_prompts: str = "truncate"       # over max_prompt_tokens: "truncate" (with a warning) or "refuse"
 
     def __post_init__(self) -> None:
         _int("n_threads", self.n_threads, 1, 1024)
@@ -125,6 +127,8 @@ class ContextSettings:
         if self.device is not None and (isinstance(self.device, bool) or not isinstance(self.device, (int, str))):
             raise TypeError("device must be an int index, a device name or None")
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
+        _int("max_prompt_tokens", self.max_prompt_tokens, 1, 1 << 20)
+        object.__setattr__(self, "long_prompts", _choice("long_prompts", self.long_prompts, ("truncate", "refuse")))
         for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")

@@ -82,7 +82,8 @@ def _openai_error(r) -> dict:
 ])
 def test_bad_bodies_are_4xx(client, body, caplog):
     with caplog.at_level(logging.ERROR):
-        r = client.post("/v1/images/generations", content=json.dumps(body), headers={"content-type": "application/json"})
+        r = client.post("/v1/images/generations", content=json.dumps(body),
+                        headers={"content-type": "application/json"})
     _openai_error(r)
     assert not [rec for rec in caplog.records if rec.exc_info], "a client error logged a traceback"
 
@@ -253,3 +254,41 @@ def test_fuzzed_bodies_never_give_a_500(server, body, route):
     assert r.status_code < 500, (body, r.status_code, r.text)
     if r.status_code >= 400:
         _openai_error(r)
+
+
+def test_long_prompts_are_cut_or_refused_before_the_encoder(tiny_sets):
+    from sdcpp_py import Pipeline
+
+    m = tiny_sets["flux2-klein"]
+    files = {"diffusion_model": m.diffusion_model, "llm": m.llm, "vae": m.vae}
+    text = "a lighthouse on a rocky coast at dawn, oil painting, " * 12
+    with Pipeline(**files, n_threads=2, max_prompt_tokens=40) as pipe:
+        count = pipe.engine.count_tokens(text)
+        assert count > 40
+        s = pipe.settings_for(text)
+        assert text.startswith(s.prompt) and 0 < len(s.prompt) < len(text)
+        assert pipe.engine.count_tokens(s.prompt) <= 40 < pipe.engine.count_tokens(text[:len(s.prompt) + 1])
+        cut = pipe.generate(text, width=64, height=64, steps=1, seed=2)
+        assert cut.settings.prompt == s.prompt and pipe.encode(text).prompt == s.prompt
+        again = pipe.generate(s.prompt, width=64, height=64, steps=1, seed=2)
+        assert cut.arrays[0].tobytes() == again.arrays[0].tobytes()
+        short = "a red fox"
+        assert pipe.settings_for(short).prompt == short
+    with Pipeline(**files, n_threads=2, max_prompt_tokens=40, long_prompts="refuse") as pipe:
+        with pytest.raises(InvalidArgumentError, match=f"{count} tokens"):
+            pipe.generate(text, width=64, height=64, steps=1)
+        with pytest.raises(InvalidArgumentError, match="tokens"):
+            pipe.encode(text)
+        assert pipe.generate("a red fox", width=64, height=64, steps=1).image.size == (64, 64)
+    with pytest.raises(InvalidArgumentError, match="long_prompts"):
+        Pipeline(**files, long_prompts="sometimes")
+
+
+def test_the_default_limit_bounds_a_huge_prompt(pipelines):
+    pipe = pipelines["z-image-turbo"]
+    huge = "山间小路，晨雾，松树。" * 800                       # 8000 characters: minutes and GBs uncut
+    start = time.perf_counter()
+    cond = pipe.encode(huge, use_cache=False)
+    assert pipe.engine.count_tokens(cond.prompt) <= 512 < pipe.engine.count_tokens(huge)
+    assert cond.context.shape[-2] <= 512 + 32                # the chat template's few tokens on top
+    assert time.perf_counter() - start < 60

@@ -8,6 +8,7 @@ from sdcpp_py._ffi import ffi, lib
 
 # pointer types that have a class of their own in _lib_types
 OPAQUE = {"sd_ctx_t *": T.SdCtx, "upscaler_ctx_t *": T.UpscalerCtx, "sdcpp_result_t *": T.ShimResult,
+          "sdcpp_tokenizer_t *": T.Tokenizer,
           "struct ggml_backend_reg *": T.BackendReg, "struct ggml_backend_device *": T.BackendDev}
 RESULTS = {"char *": T.CharP, "void *": T.VoidP, "sd_image_t *": T.ImageP, **OPAQUE}
 FLOATS = {"float", "double"}

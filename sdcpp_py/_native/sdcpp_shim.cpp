@@ -696,6 +696,39 @@ SHIM_API int sdcpp_component_reload(sd_ctx_t* ctx, int which, const char* path) 
     });
 }
 
+struct sdcpp_tokenizer {
+    std::shared_ptr<BPETokenizer> tokenizer;
+};
+
+SHIM_API sdcpp_tokenizer_t* sdcpp_tokenizer(sd_ctx_t* ctx) {
+    sdcpp_tokenizer_t* out = nullptr;
+    guarded("tokenizer", [&]() -> int {
+        auto llm = ctx == nullptr || ctx->sd == nullptr
+                       ? nullptr
+                       : std::dynamic_pointer_cast<LLMEmbedder>(ctx->sd->cond_stage_model);
+        if (!llm || !llm->tokenizer) {
+            return fail_argument("tokenizer: this model's text encoder is not an LLM");
+        }
+        out = new sdcpp_tokenizer_t{llm->tokenizer};
+        return 0;
+    });
+    return out;
+}
+
+SHIM_API int sdcpp_tokenizer_count(sdcpp_tokenizer_t* tokenizer, const char* text, int64_t* count) {
+    return guarded("tokenizer_count", [&]() -> int {
+        if (tokenizer == nullptr || text == nullptr || count == nullptr) {
+            return fail_argument("tokenizer_count: null argument");
+        }
+        *count = static_cast<int64_t>(tokenizer->tokenizer->encode(text, nullptr).size());
+        return 0;
+    });
+}
+
+SHIM_API void sdcpp_tokenizer_free(sdcpp_tokenizer_t* tokenizer) {
+    delete tokenizer;
+}
+
 SHIM_API int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower) {
     return guarded("share_encoder", [&]() -> int {
         if (owner == nullptr || borrower == nullptr || owner->sd == nullptr || borrower->sd == nullptr) {

@@ -95,6 +95,16 @@ int sdcpp_component_reload(sd_ctx_t* ctx, int component, const char* path);
  * templates and output layers. */
 int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower);
 
+/* The context's LLM tokenizer as a handle of its own (NULL, with a message, when the text
+   encoder is not an LLM): it lives until sdcpp_tokenizer_free, whatever happens to the
+   context, and sdcpp_tokenizer_count may run on any thread, beside engine calls (the
+   tokenizer only reads its tables). count: the tokens of `text` (no chat template, no
+   padding). */
+typedef struct sdcpp_tokenizer sdcpp_tokenizer_t;
+sdcpp_tokenizer_t* sdcpp_tokenizer(sd_ctx_t* ctx);
+int sdcpp_tokenizer_count(sdcpp_tokenizer_t* tokenizer, const char* text, int64_t* count);
+void sdcpp_tokenizer_free(sdcpp_tokenizer_t* tokenizer);
+
 /* Point the (shared) text encoder of ctx at ctx's own backend. Call it on a
  * context that stays open before freeing another member of a sharing group:
  * the encoder must not run on a freed context's backend. */
