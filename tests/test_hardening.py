@@ -292,3 +292,39 @@ def test_the_default_limit_bounds_a_huge_prompt(pipelines):
     assert pipe.engine.count_tokens(cond.prompt) <= 512 < pipe.engine.count_tokens(huge)
     assert cond.context.shape[-2] <= 512 + 32                # the chat template's few tokens on top
     assert time.perf_counter() - start < 60
+
+
+def test_the_body_deadline_covers_the_body_only():
+    """A trickled body gets a 408; a request whose body is in may then wait (a long generation, an
+    event stream) well past the deadline."""
+    import asyncio
+
+    from sdcpp_py.server.app import BodyLimit
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(0.3)                               # past the deadline, body read
+        message = await receive()                              # waiting for the client to go
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": message["type"].encode()})
+
+    async def call(messages, delay):
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(delay)
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+        await BodyLimit(app, limit=1000, timeout=0.2, refuse=lambda status: None)(
+            {"type": "http", "headers": []}, receive, send)
+        return sent
+
+    ok = asyncio.run(call([{"type": "http.request", "body": b"{}", "more_body": False}], 0.0))
+    assert ok[0]["status"] == 200 and ok[1]["body"] == b"http.disconnect"
+    from starlette.exceptions import HTTPException
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(call([{"type": "http.request", "body": b"{", "more_body": True}] * 5, 0.1))
+    assert e.value.status_code == 408

@@ -36,6 +36,7 @@ from .registry import Registry, Served
 
 logger = logging.getLogger("sdcpp_py.server")
 _REF_FAMILIES = (FLUX2_KLEIN, FLUX2_DEV)
+KEEPALIVE_S = 15.0
 
 
 class ApiError(Exception):
@@ -100,15 +101,18 @@ class BodyLimit:
             self.refuse(413)
             await _error(413, f"request body over {self.limit} bytes")(scope, receive, send)
             return
-        seen = 0
+        seen, received = 0, False
         deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, received
+            if received:                      # the body is in: later receives wait for a disconnect
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
             except asyncio.TimeoutError:
                 raise HTTPException(408, f"request body not received within {self.timeout:g} s") from None
+            received = message["type"] != "http.request" or not message.get("more_body", False)
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
@@ -239,13 +243,17 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         return job.describe(manager.position(job))
 
     @app.get("/v1/jobs/{job_id}/events")
-    async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    async def job_events(job_id: str) -> StreamingResponse:
         job = _job(job_id)
 
         async def stream() -> AsyncIterator[str]:
+            """Events as they come; idle, a comment every KEEPALIVE_S (a gone client fails that
+            send and Starlette ends the stream: no polling, no thread)."""
             cursor = 0
             while True:
-                events = await job.next_events(cursor, 0.5)
+                events = await job.next_events(cursor, KEEPALIVE_S)
+                if not events:
+                    yield ": keep-alive\n\n"
                 for event in events:
                     cursor += 1
                     if event["type"] == "completed":
@@ -253,8 +261,6 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
                     yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
                     if event["type"] in FINAL:
                         return
-                if await request.is_disconnected():
-                    return
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
