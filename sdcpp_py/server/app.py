@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -46,9 +47,14 @@ class ApiError(Exception):
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
+_PATH = re.compile(r"(?:/[\w.+-]+)+/([\w.+-]+)")
+
+
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+    """OpenAI's error shape; a server path in the message becomes its file name."""
+    public = _PATH.sub(r"\1", message)[:1000]
+    return JSONResponse({"error": {"message": public, "type": kind, "param": param, "code": None}},
                         status_code=status, headers=headers)
 
 
