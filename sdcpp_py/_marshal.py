@@ -45,6 +45,16 @@ def _set_sigmas(p: CStruct, sigmas: Sequence[float], keep: Keep) -> None:
     p.sample_params.custom_sigmas, p.sample_params.custom_sigmas_count = keep[-1], len(sigmas)
 
 
+def _set_loras(p: CStruct, loras: Sequence[tuple[str, float]], keep: Keep) -> None:
+    if not loras:
+        return
+    array = ffi.new("sd_lora_t[]", len(loras))
+    keep.append(array)
+    for i, (path, multiplier) in enumerate(loras):
+        array[i].path, array[i].multiplier, array[i].is_high_noise = _text(path, keep), multiplier, False
+    p.loras, p.lora_count = array, len(loras)
+
+
 # Each request field -> how it is written into an sd_img_gen_params_t (a None value leaves the
 # engine's default). A field without a setter here fails loudly, never silently.
 SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
@@ -55,7 +65,7 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
     "sampler": _at("sample_params.sample_method", lambda v, _: lib.str_to_sample_method(v.encode())),
     "scheduler": _at("sample_params.scheduler", lambda v, _: lib.str_to_scheduler(v.encode())),
     "flow_shift": _at("sample_params.flow_shift"), "sigmas": _set_sigmas,
-    "vae_tiling": _at("vae_tiling_params.enabled"),
+    "vae_tiling": _at("vae_tiling_params.enabled"), "loras": _set_loras,
 }
 
 
@@ -94,6 +104,10 @@ def context_params(paths: dict[str, Path | None], settings: ContextSettings, *, 
     if settings.wtype is not None:
         p.wtype = lib.str_to_sd_type(settings.wtype.encode())
     p.rng_type = lib.str_to_rng_type(settings.rng.encode())
+    # auto: at run time, always: merging would change (and, repacked, break) the base weights, and
+    # a call without the LoRA after one with it must give the base model's pixels bit for bit
+    mode = "at_runtime" if settings.lora_apply_mode == "auto" else settings.lora_apply_mode
+    p.lora_apply_mode = lib.str_to_lora_apply_mode(mode.encode())
     if settings.sampler_rng is not None:
         p.sampler_rng_type = lib.str_to_rng_type(settings.sampler_rng.encode())
     for name in ENGINE_FLAGS:

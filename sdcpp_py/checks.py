@@ -8,7 +8,9 @@ exception for one such input instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,38 @@ def check_taesd(path: Path | None) -> Path:
     if f.count_blocks("decoder.layers.") == 0:
         raise IncompatibleModelError(f"{path}: not a tiny autoencoder (no decoder.layers.N tensors)")
     return path
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """What a LoRA file changes: the text encoder, the diffusion model (or both)."""
+
+    path: Path
+    encoder: bool
+    diffusion: bool
+
+
+_LORA_PARTS = re.compile(r"(lora_[AB]|lora_down|lora_up|lora\.down|lora\.up|\.alpha$|hada_w|lokr_w|\.diff$)")
+_ENCODER_NAMES = ("lora_te", "te.", "te1", "te_", "text_encoder", "text_encoders", "cond_stage_model")
+_FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)[._]\d")
+_ZIMAGE_NAMES = re.compile(r"(^|[._])(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward)")
+
+
+def check_lora(path: Path, family: str) -> LoraInfo:
+    """A LoRA file this family's engine can apply: readable, holding LoRA tensors, made for this
+    family's DiT (a FLUX-shaped LoRA on Z-Image, or the reverse, would apply to nothing)."""
+    f = inspect(path)
+    names = [n for n in f.tensors if _LORA_PARTS.search(n)]
+    if not names:
+        raise IncompatibleModelError(f"{path.name}: not a LoRA (no lora_A/lora_B, lora_down/lora_up tensors)")
+    bare = [n.removeprefix("lora.").removeprefix("lora_") for n in names]
+    encoder = any(n.startswith(_ENCODER_NAMES) for n in bare)
+    diffusion = [n for n in bare if not n.startswith(_ENCODER_NAMES)]
+    flux, zimage = any(_FLUX_NAMES.search(n) for n in diffusion), any(_ZIMAGE_NAMES.search(n) for n in diffusion)
+    other = "FLUX" if flux and not zimage else "Z-Image" if zimage and not flux else None
+    if other is not None and (other == "FLUX") != (family != Z_IMAGE):
+        raise IncompatibleModelError(f"{path.name}: a LoRA for a {other} model; this pipeline is {family}")
+    return LoraInfo(path, encoder, bool(diffusion))
 
 
 def check_schedule(s: GenerationSettings, family: str) -> None:

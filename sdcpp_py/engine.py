@@ -9,6 +9,8 @@ the same methods from a worker process.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -94,11 +96,14 @@ class Engine(Owner):
         A progress callback that raises stops the call (the engine's abort flag); what
         the call returned anyway is freed by ``cleanup`` and the callback's exception raised."""
         start = time.perf_counter()
-        with progress_scope(progress) as state, preview_scope(preview):
+        with capture() as log, progress_scope(progress) as state, preview_scope(preview):
             rc = fn(self._ptr(), *args)
-        if state.error is not None:
+        refused = _lora_refusal(log.records)
+        if state.error is not None or refused is not None:
             if rc == 0 and cleanup is not None:
                 cleanup()
+            if refused is not None:
+                raise InvalidArgumentError(refused)
             state.raise_error()
         check(rc, error)
         return time.perf_counter() - start
@@ -325,6 +330,22 @@ class Engine(Owner):
             (_, data), = read_result(out[0])
             return data
         return self.run(encode, token=token)
+
+
+_LORA_PART = re.compile(r"Only \((\d+) / (\d+)\) LoRA tensors have been applied, lora_file_path = (.*)")
+_LORA_FAILED = re.compile(r"load lora tensors from (.*) failed")
+
+
+def _lora_refusal(records: list[logging.LogRecord]) -> str | None:
+    """The engine's word that a LoRA applied in part, or not at all: refused, never half-applied."""
+    for record in records:
+        text = record.getMessage()
+        if m := _LORA_PART.search(text):
+            return (f"{Path(m[3].strip()).name}: the engine reads {m[1]} of its {m[2]} LoRA tensors (a layout, or a "
+                    "model, it matches only in part); refused rather than applied in part")
+        if m := _LORA_FAILED.search(text):
+            return f"{Path(m[1].strip()).name}: the engine could not read it as a LoRA"
+    return None
 
 
 def convert(src: Path, vae: Path | None, out: Path, *, wtype: str | None, rules: str, convert_name: bool,

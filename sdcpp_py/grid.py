@@ -39,11 +39,11 @@ from typing import Any
 
 from .errors import InvalidArgumentError
 from .fileid import file_hash
-from .modelset import ModelSet, absolute, model_set
-from .settings import parse_request, parse_size, request, request_fields, seed_range
+from .modelset import ModelSet, absolute, content, model_set
+from .settings import lora_pairs, parse_request, parse_size, request, request_fields, seed_range
 
 IMAGE_KEYS = ("init_image", "ref_images")      # file paths
-LIST_VALUED = ("sigmas", "ref_images")         # lists as values: a list of lists sweeps them
+LIST_VALUED = ("sigmas", "ref_images", "loras")   # lists as values: a list of lists sweeps them
 MAX_SEED = 2**63 - 1
 MAX_ROWS = 1_000_000
 
@@ -91,8 +91,11 @@ def _image_identity(path: str) -> dict[str, str]:
 
 
 def row_id(models: Mapping[str, ModelSet], model: str, params: Mapping[str, Any]) -> str:
-    """A hash of the model set's identity and the row's settings (images by name and content)."""
+    """A hash of the model set's identity and the row's settings (images by name and content, LoRA
+    files by content)."""
     keyed = dict(params)
+    if "loras" in keyed:
+        keyed["loras"] = [[content(p), w] for p, w in keyed["loras"]]
     if "init_image" in keyed:
         keyed["init_image"] = _image_identity(keyed["init_image"])
     if "ref_images" in keyed:
@@ -205,6 +208,11 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
             params["width"], params["height"] = parse_size(params.pop("size"))
         if "init_image" in params:
             params["init_image"] = absolute(params["init_image"], base)
+        if "loras" in params:                      # "file:weight" strings or [file, weight] pairs
+            try:
+                params["loras"] = [[absolute(p, base), w] for p, w in lora_pairs(params["loras"])]
+            except TypeError as e:
+                raise InvalidArgumentError(f"loras: {e}") from None
         if "ref_images" in params:
             refs = params["ref_images"]
             params["ref_images"] = [absolute(r, base) for r in (refs if isinstance(refs, list) else [refs])]

@@ -207,6 +207,8 @@ def image_parameters(pipe: Any, settings: GenerationSettings, seed: int, weights
     paths: dict[str, Path | None] = pipe.paths
     models = {role: p.name for role, p in paths.items() if p is not None}
     digests = {role: file_hash(p) for role, p in paths.items() if p is not None} if hashes else {}
+    if hashes:
+        digests.update({f"lora {Path(p).name}": file_hash(Path(p)) for p, _ in settings.loras})
     context = {k: getattr(pipe.settings, k) for k in PIXEL_CONTEXT}
     one = settings.one(seed)
     plan = {k: v for k, v in (weights or {}).items() if k in _PLAN_KEYS}

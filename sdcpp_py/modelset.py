@@ -33,12 +33,12 @@ class ModelSet:
     @property
     def identity(self) -> dict[str, Any]:
         """What a row id depends on: the name, the files' contents, the settings (not n_threads)."""
-        return {"name": self.name, "files": {k: _content(v) for k, v in sorted(self.files.items())},
+        return {"name": self.name, "files": {k: content(v) for k, v in sorted(self.files.items())},
                 "settings": {k: v for k, v in sorted(self.settings.items()) if k != "n_threads"},
                 "preset": self.preset}
 
 
-def _content(path: str) -> str:
+def content(path: str) -> str:
     """A file's content identity; a file not there (yet) by its name (it cannot run anyway)."""
     p = Path(path)
     return identity(p) if p.is_file() else f"missing:{p.name}"

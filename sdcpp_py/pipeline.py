@@ -24,11 +24,19 @@ from . import backends
 from ._engine_thread import CancelToken
 from ._images import ImageLike, as_pil, prepare
 from .cache import EncodingCache
-from .checks import check_conditioning, check_latent, check_ref_images, check_schedule, check_taesd
+from .checks import (
+    LoraInfo,
+    check_conditioning,
+    check_latent,
+    check_lora,
+    check_ref_images,
+    check_schedule,
+    check_taesd,
+)
 from .engine import Engine
 from .errors import ClosedError, IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
-from .fileid import identity
+from .fileid import identity, stamp
 from .isolated import IsolatedEngine
 from .modelset import ModelSet
 from .presets import Preset, get_preset, preset_for_family
@@ -78,6 +86,7 @@ class Pipeline:
         self.encodings: EncodingCache[Conditioning] = EncodingCache(cache_size)
         self._engine_defaults: dict[str | None, tuple[str, str]] = {}   # sampler asked -> (sampler, scheduler)
         self._token_counts: dict[str, int | None] = {}
+        self._loras: dict[tuple[str, tuple[int, int] | None], LoraInfo] = {}
         self.load_count = 0
         self.load_seconds = 0.0
         backends.load()
@@ -255,6 +264,14 @@ class Pipeline:
                        what, count, lo, limit)
         return text[:lo]
 
+    def _lora(self, path: str) -> LoraInfo:
+        """A LoRA file checked for this pipeline (cached until the file changes)."""
+        p = Path(path).expanduser().resolve()
+        key = (str(p), stamp(p) if p.is_file() else None)
+        if key not in self._loras:
+            self._loras[key] = check_lora(p, self.family)
+        return self._loras[key]
+
     def _tokens(self, text: str) -> int | None:
         if text not in self._token_counts:
             if len(self._token_counts) > 256:
@@ -264,7 +281,11 @@ class Pipeline:
 
     def _complete(self, s: GenerationSettings) -> GenerationSettings:
         """The sampler and scheduler the engine picks for this model filled in (asked once per
-        sampler: later calls need no engine call, so they never wait behind a running one)."""
+        sampler: later calls need no engine call, so they never wait behind a running one); the
+        LoRAs checked, as absolute paths, those of multiplier 0 (which change nothing) left out."""
+        loras = tuple((str(self._lora(path).path), m) for path, m in s.loras if m != 0.0)
+        if loras != s.loras:
+            s = dataclasses.replace(s, loras=loras)
         if s.sampler is None or s.scheduler is None:
             known = self._engine_defaults.get(s.sampler)
             if known is None:
@@ -328,7 +349,7 @@ class Pipeline:
         s = self._complete(s)
         init_pil, refs = prepare(s.width, s.height, init_image, ref_images)
         start = time.perf_counter()
-        cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, cancel=cancel)
+        cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, loras=s.loras, cancel=cancel)
         encode_s = time.perf_counter() - start
         init = None if init_pil is None else self.encode_image(init_pil, seed=seeds[0], width=s.width,
                                                                height=s.height, cancel=cancel)
@@ -359,24 +380,28 @@ class Pipeline:
         return SweepResult(items, cond, {"encode_s": sum(i.timings["encode_s"] for i in items),
                                          "wall_s": time.perf_counter() - start})
 
-    def encode(self, prompt: str, negative_prompt: str | None = None, *,
+    def encode(self, prompt: str, negative_prompt: str | None = None, *, loras: Sequence[Any] = (),
                use_cache: bool = True, cancel: CancelToken | None = None) -> Conditioning:
         """Encode a prompt (and, if given, a negative prompt) once for many denoise() calls.
 
         A negative encoding is needed for ``cfg_scale != 1``; pass ``negative_prompt=""``
-        for the empty one that ``generate()`` uses. Results are cached by prompt and encoder.
+        for the empty one that ``generate()`` uses. ``loras``: those of the request (the ones
+        that change the text encoder apply here). Results are cached by prompt, encoder and those
+        LoRAs (by content).
         """
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, not {type(negative_prompt).__name__}")
-        s = request(prompt=prompt, negative_prompt=negative_prompt or "")     # checked before it is counted
+        s = request(prompt=prompt, negative_prompt=negative_prompt or "", loras=loras)   # checked, then counted
         prompt = self._fit(prompt, "prompt")
         negative_prompt = None if negative_prompt is None else self._fit(negative_prompt, "negative_prompt")
-        key = (prompt, negative_prompt, self.encoder_id)
+        encoder_loras = tuple((str(info.path), m) for info, m in ((self._lora(p), m) for p, m in s.loras)
+                              if info.encoder and m != 0.0)
+        key = (prompt, negative_prompt, self.encoder_id, tuple((identity(Path(p)), m) for p, m in encoder_loras))
         if use_cache:
             hit = self.encodings.get(key)
             if hit is not None:
                 return hit
-        s = request(prompt=prompt, negative_prompt=negative_prompt or "")
+        s = request(prompt=prompt, negative_prompt=negative_prompt or "", loras=encoder_loras)
         parts, seconds = self.engine.encode(s, negative_prompt is not None, token=cancel)
         cond = Conditioning(dict(parts), self.family, self.encoder_id, prompt, negative_prompt, seconds)
         if use_cache:

@@ -111,6 +111,7 @@ class ContextSettings:
     device: int | str | None = None  # Vulkan device index, or a device name ("Vulkan1")
     release_encoder: bool = False        # text encoder loaded only while encoding (reloaded on demand)
     release_diffusion: bool = False      # diffusion model released while the text encoder works
+    lora_apply_mode: str = "auto"        # auto (= at_runtime) | at_runtime | immediately (merged; repack="none")
     max_prompt_tokens: int = 512         # per prompt: diffusers' max_sequence_length for both models
     long_prompts: str = "truncate"       # over max_prompt_tokens: "truncate" (with a warning) or "refuse"
 
@@ -128,6 +129,11 @@ class ContextSettings:
             raise TypeError("device must be an int index, a device name or None")
         object.__setattr__(self, "sampler_rng", _choice("rng", self.sampler_rng, RNG_TYPES))
         _int("max_prompt_tokens", self.max_prompt_tokens, 1, 1 << 20)
+        object.__setattr__(self, "lora_apply_mode", _choice("lora_apply_mode", self.lora_apply_mode,
+                                                            ("auto", "at_runtime", "immediately")))
+        if self.lora_apply_mode == "immediately" and self.repack != "none":
+            raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the weights, which repacked "
+                                       "weights cannot take: use it with repack='none' (or 'at_runtime')")
         object.__setattr__(self, "long_prompts", _choice("long_prompts", self.long_prompts, ("truncate", "refuse")))
         for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
@@ -247,6 +253,7 @@ class GenerationSettings:
     sigmas: tuple[float, ...] | None = None  # custom schedule (steps + 1 values); overrides steps
     strength: float = 0.75               # img2img: how much of the schedule runs on the init image
     vae_tiling: bool = False             # decode in tiles (the engine's default tile size and overlap)
+    loras: tuple[tuple[str, float], ...] = ()   # (LoRA file, multiplier) pairs, applied together
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -275,6 +282,7 @@ class GenerationSettings:
         object.__setattr__(self, "strength", _float("strength", self.strength, 0.0, 1.0))
         if not isinstance(self.vae_tiling, bool):
             raise TypeError("vae_tiling must be a bool")
+        object.__setattr__(self, "loras", lora_pairs(self.loras))
         if self.sigmas is not None:
             if isinstance(self.sigmas, (str, bytes)) or not hasattr(self.sigmas, "__len__"):
                 raise TypeError("sigmas must be a sequence of numbers")
@@ -295,6 +303,31 @@ class GenerationSettings:
     def one(self, seed: int) -> GenerationSettings:
         """The request of one image of this one's batch."""
         return dataclasses.replace(self, seed=seed, batch_count=1)
+
+
+def lora_pairs(value: Any) -> tuple[tuple[str, float], ...]:
+    """LoRAs as (path, multiplier) pairs: from pairs, or from "path:multiplier" strings."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise TypeError("loras must be a sequence of (file, multiplier) pairs")
+    out = []
+    for item in value:
+        if isinstance(item, str):
+            path, sep, weight = item.rpartition(":")
+            item = (path, float(weight)) if sep and _is_number(weight) else (item, 1.0)
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike))
+                and str(item[0])):
+            raise TypeError(f"a LoRA is a (file, multiplier) pair, not {item!r}")
+        out.append((os.fspath(item[0]), _float("LoRA multiplier", item[1], -10.0, 10.0)))
+    if len(out) > 16:
+        raise InvalidArgumentError(f"at most 16 LoRAs at once, got {len(out)}")
+    return tuple(out)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 # The request class every face builds through (a test may put a subclass with one more field here).
@@ -333,8 +366,10 @@ def _from_text(name: str, kind: Any, text: str) -> Any:
             return int(t)
         if kind is float:
             return float(text)
-        if typing.get_origin(kind) is tuple:
+        if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is float:
             return tuple(float(v) for v in text.split(",") if v.strip())
+        if typing.get_origin(kind) is tuple:          # LoRAs: "file:multiplier,file2:multiplier"
+            return tuple(v.strip() for v in text.split(",") if v.strip())
     except ValueError:
         raise InvalidArgumentError(f"{name}: not a valid {getattr(kind, '__name__', 'value')}: {text[:40]!r}") from None
     return text

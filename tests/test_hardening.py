@@ -328,3 +328,23 @@ def test_the_body_deadline_covers_the_body_only():
     with pytest.raises(HTTPException) as e:
         asyncio.run(call([{"type": "http.request", "body": b"{", "more_body": True}] * 5, 0.1))
     assert e.value.status_code == 408
+
+
+def test_token_counts_beside_a_running_encoder(pipelines):
+    """The tokenizer is read by the engine thread (encoding) and by callers (counting) at once."""
+    pipe = pipelines["flux2-klein"]
+    text = "a lighthouse on a rocky coast at dawn, gulls, spray, " * 40
+    counts, stop = [], threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            counts.append(pipe.engine.count_tokens(text))
+    t = threading.Thread(target=count)
+    t.start()
+    try:
+        for i in range(12):
+            pipe.encode(f"prompt number {i}, {text[:200]}", use_cache=False)
+    finally:
+        stop.set()
+        t.join(30)
+    assert len(counts) > 10 and len(set(counts)) == 1

@@ -246,6 +246,9 @@ SHIM_API int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool
         StableDiffusionGGML* sd = ctx->sd;
         GenerationRequest request(ctx, params);
         std::vector<sd::Tensor<float>> no_ref_images;
+        // The request's LoRAs, as generate_image applies them before conditioning: a text
+        // encoder LoRA changes the encoding, and none clears the previous call's adapters.
+        sd->apply_loras(params->loras, params->lora_count);
 
         // As prepare_image_generation_embeds does it.
         ConditionerParams cp;

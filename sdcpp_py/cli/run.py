@@ -28,7 +28,15 @@ from ..modelset import model_set
 from ..pipeline import Pipeline
 from ..settings import TqdmProgress, parse_request
 from .jobs import Job, OutputNames, make_jobs, parse_seeds, read_prompt_file
-from .sdcli import PER_JOB, SD_CLI_DEFAULT_SEED, CliError, context_settings, model_files, request_flags
+from .sdcli import (
+    PER_JOB,
+    SD_CLI_DEFAULT_SEED,
+    CliError,
+    context_settings,
+    extract_loras,
+    model_files,
+    request_flags,
+)
 
 logger = logging.getLogger("sdcpp_py.cli")
 
@@ -70,6 +78,9 @@ def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]
     jobs = make_jobs(lines, seeds, negative, args.init_img, list(args.ref_image))
     for job in jobs:
         job.overrides = {**base, **job.overrides}
+        job.prompt, tagged = extract_loras(job.prompt, args.lora_model_dir)    # sd-cli's <lora:NAME:WEIGHT>
+        if tagged:
+            job.overrides["loras"] = (*job.overrides.get("loras", ()), *tagged)
     return jobs
 
 

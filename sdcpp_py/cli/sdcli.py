@@ -10,6 +10,7 @@ a command does not give follow the model's preset (steps, cfg, size), except the
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,10 +23,10 @@ SD_CLI_DEFAULT_SEED = 42
 # sd-cli flags we know and refuse: the engine runs them, sdcpp-py does not offer them yet.
 UNSUPPORTED = (
     "--clip_l", "--clip_g", "--clip_vision", "--t5xxl", "--llm_vision", "--qwen2vl_vision",
-    "--high-noise-diffusion-model", "--control-net", "--embd-dir", "--lora-model-dir", "--hires-upscalers-dir",
+    "--high-noise-diffusion-model", "--control-net", "--embd-dir", "--hires-upscalers-dir",
     "--photo-maker", "--upscale-model", "--chroma-t5-mask-pad", "--max-vram", "--force-sdxl-vae-conv-scale",
     "--control-net-cpu", "--circular", "--circularx", "--circulary", "--chroma-disable-dit-mask",
-    "--qwen-image-zero-cond-t", "--chroma-enable-t5-mask", "--prediction", "--lora-apply-mode", "--end-img",
+    "--qwen-image-zero-cond-t", "--chroma-enable-t5-mask", "--prediction", "--end-img",
     "--mask", "--control-image", "--control-video", "--pm-id-images-dir", "--pm-id-embed-path",
     "--hires-upscaler", "--high-noise-steps", "--clip-skip", "--video-frames", "--fps", "--timestep-shift",
     "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
@@ -98,6 +99,11 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                      help="number of threads (default -1: the physical cores)")
     ctx.add_argument("--offload-to-cpu", action="store_true", help="weights in RAM, loaded to VRAM when needed")
     ctx.add_argument("--mmap", action="store_true", help="memory-map the model files")
+    ctx.add_argument("--lora-model-dir", type=Path,
+                     help="folder of the LoRA files a prompt's <lora:NAME:WEIGHT> names (default: .)")
+    ctx.add_argument("--lora-apply-mode", choices=("auto", "immediately", "at_runtime"),
+                     help="auto (here: at_runtime, the base weights untouched) | at_runtime | immediately "
+                          "(merged into the weights; needs --repack none)")
     ctx.add_argument("--clip-on-cpu", action="store_true", help="keep the text encoder on the CPU")
     ctx.add_argument("--vae-on-cpu", action="store_true", help="keep the VAE on the CPU")
     ctx.add_argument("--fa", action="store_true", help="use flash attention")
@@ -196,9 +202,11 @@ def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
     if isinstance(device, str) and device.isdigit():
         device = int(device)
     picked = {"wtype": args.wtype, "upcast": args.upcast, "upcast_type": args.upcast_type, "repack": args.repack,
-              "tensor_type_rules": args.tensor_type_rules, "rng": args.rng, "sampler_rng": args.sampler_rng}
+              "tensor_type_rules": args.tensor_type_rules, "rng": args.rng, "sampler_rng": args.sampler_rng,
+              "lora_apply_mode": args.lora_apply_mode}
     out: dict[str, Any] = {k: v if v is not None else stored.get(k) for k, v in picked.items()}
-    for k, default in (("upcast", "auto"), ("upcast_type", "auto"), ("repack", "auto"), ("rng", "cuda")):
+    for k, default in (("upcast", "auto"), ("upcast_type", "auto"), ("repack", "auto"), ("rng", "cuda"),
+                       ("lora_apply_mode", "auto")):
         out[k] = out[k] or default
     flags = {"flash_attn": args.fa, "diffusion_flash_attn": args.diffusion_fa, "vae_conv_direct": args.vae_conv_direct,
              "diffusion_conv_direct": args.diffusion_conv_direct}
@@ -209,6 +217,28 @@ def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
     if args.threads > 0:
         out["n_threads"] = args.threads
     return out
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+):([^>]+)>")
+LORA_SUFFIXES = (".safetensors", ".gguf", ".ckpt", ".pt")
+
+
+def extract_loras(prompt: str, folder: Path | None) -> tuple[str, list[tuple[str, float]]]:
+    """sd-cli's prompt syntax: every ``<lora:NAME:WEIGHT>`` taken out of the prompt, NAME found in
+    ``folder`` (with or without its suffix)."""
+    loras = []
+    for name, weight in LORA_TAG.findall(prompt):
+        base = (folder or Path(".")) / name
+        found = next((p for p in (base, *(base.with_name(base.name + s) for s in LORA_SUFFIXES)) if p.is_file()),
+                     None)
+        if found is None:
+            raise CliError(f"<lora:{name}:{weight}>: no {name}[{'|'.join(LORA_SUFFIXES)}] in {folder or '.'} "
+                           "(--lora-model-dir)")
+        try:
+            loras.append((str(found.resolve()), float(weight)))
+        except ValueError:
+            raise CliError(f"<lora:{name}:{weight}>: the weight is not a number") from None
+    return LORA_TAG.sub("", prompt), loras
 
 
 def print_error(message: str) -> int:

@@ -64,7 +64,10 @@ def serve_command(argv: list[str]) -> int:
             raise CliError(f"--host {args.host} is reachable from other machines: give an API key "
                            "($SDCPP_PY_API_KEY or --api-key-file), or --insecure to serve without one")
         logger.warning("serving on %s without an API key (--insecure): anyone who reaches it can use it", args.host)
-    config = ServerConfig(tuple(entries), limits, key, tuple(args.cors_origin))
+    if args.lora_model_dir is not None and not args.lora_model_dir.is_dir():
+        raise CliError(f"--lora-model-dir {args.lora_model_dir}: no such folder")
+    config = ServerConfig(tuple(entries), limits, key, tuple(args.cors_origin),
+                          args.lora_model_dir.resolve() if args.lora_model_dir else None)
     return serve(config, host=args.host, port=args.port, max_requests=args.max_requests,
                  max_seconds=args.max_seconds, log_level="info" if args.verbose else "warning")
 

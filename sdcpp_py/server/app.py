@@ -16,6 +16,7 @@ import logging
 import re
 import warnings
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -30,13 +31,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._images import prepare, size_of
 from ..errors import InvalidArgumentError
 from ..families import FLUX2_DEV, FLUX2_KLEIN
-from ..settings import GenerationSettings, parse_request, parse_size, request_fields
+from ..settings import GenerationSettings, lora_pairs, parse_request, parse_size, request_fields
 from .config import Limits, ServerConfig
 from .jobs import FINAL, Expired, Job, JobManager, QueueFull, images_response
 from .registry import Registry, Served
 
 logger = logging.getLogger("sdcpp_py.server")
 _REF_FAMILIES = (FLUX2_KLEIN, FLUX2_DEV)
+_LORA_NAME = re.compile(r"[\w][\w.+ -]{0,127}")      # a file name: no separator, no leading dot
+_LORA_SUFFIXES = (".safetensors", ".gguf")
 KEEPALIVE_S = 15.0
 
 
@@ -285,6 +288,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
             raise ApiError(404, f"no model {body['model']!r} (GET /v1/models)", param="model")
         if body["response_format"] == "url":
             raise ApiError(400, "response_format 'url' is not supported: use b64_json", param="response_format")
+        body["loras"] = _loras(body.get("loras") or (), config.lora_dir)
         settings, init_image, refs = _settings(served, body, images, limits)
         try:
             return manager.submit(served.name, settings, output_format=body["output_format"], init_image=init_image,
@@ -360,6 +364,27 @@ def _decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.I
         raise
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError(400, f"image {filename}: not a readable image ({e})", param="image") from None
+
+
+def _loras(named: Any, folder: Path | None) -> tuple[tuple[str, float], ...]:
+    """A request's LoRAs, named by file name (with or without its suffix) in the server's LoRA folder:
+    names from clients, never paths."""
+    try:
+        pairs = lora_pairs(named)
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, f"loras: {e}", param="loras") from None
+    if pairs and folder is None:
+        raise ApiError(400, "this server has no LoRA folder (sdcpp-py serve --lora-model-dir DIR)", param="loras")
+    out = []
+    for name, weight in pairs:
+        if not _LORA_NAME.fullmatch(name):
+            raise ApiError(400, f"loras: {name[:60]!r} is not a file name of the server's LoRA folder", param="loras")
+        assert folder is not None
+        found = [p for p in (folder / name, *(folder / f"{name}{s}" for s in _LORA_SUFFIXES)) if p.is_file()]
+        if not found:
+            raise ApiError(400, f"loras: no LoRA named {name!r} on this server", param="loras")
+        out.append((str(found[0]), weight))
+    return tuple(out)
 
 
 def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[int | None, int | None]:

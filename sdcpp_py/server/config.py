@@ -58,6 +58,7 @@ class ServerConfig:
     limits: Limits = Limits()
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
+    lora_dir: Path | None = None        # the folder whose files requests name in "loras"
 
 
 def load_config(path: Path) -> tuple[list[ModelSet], Limits]:

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from .dtypes import FORMATS, WEIGHT_TYPES
 from .layouts import COMPONENTS, FAMILIES, SIZES, TensorSpec, component_layout, total_params
+from .lora import LORA_LAYOUTS, write_lora
 from .models import SyntheticModelSet, component_filename, component_specs, write_component, write_model_set
 
 __all__ = [
     "SyntheticModelSet",
     "write_model_set",
+    "write_lora",
+    "LORA_LAYOUTS",
     "write_component",
     "component_filename",
     "component_specs",
