@@ -43,6 +43,8 @@ def _own_work(out: Path) -> tuple[float, float, float]:
     rows = []
     loads = []
     for p in out.glob("*.json"):
+        if p.name.startswith("."):                  # the folder's manifest, not a row
+            continue
         r = json.loads(p.read_text())
         per_worker[r["pid"]] += r["load_s"] + r["total_s"]
         rows.append(r["total_s"])

@@ -51,10 +51,11 @@ def fit_reference(image: ImageLike, width: int, height: int) -> Image.Image:
     return pil if (w, h) == pil.size else pil.resize((w, h), Image.Resampling.LANCZOS)
 
 
-def prepare(width: int, height: int, init_image: ImageLike | None,
-            ref_images: Sequence[ImageLike]) -> tuple[Image.Image | None, list[Image.Image]]:
-    """The init image at the generation's size, the references fitted (sd-cli's auto-resize)."""
+def prepare(width: int, height: int, init_image: ImageLike | None, ref_images: Sequence[ImageLike],
+            fit: bool = True) -> tuple[Image.Image | None, list[Image.Image]]:
+    """The init image at the generation's size, the references fitted (sd-cli's auto-resize) unless
+    ``fit`` is off."""
     init = as_pil(init_image) if init_image is not None else None
     if init is not None and init.size != (width, height):
         init = init.resize((width, height), Image.Resampling.LANCZOS)
-    return init, [fit_reference(r, width, height) for r in ref_images]
+    return init, [fit_reference(r, width, height) if fit else as_pil(r) for r in ref_images]

@@ -55,6 +55,18 @@ def _set_loras(p: CStruct, loras: Sequence[tuple[str, float]], keep: Keep) -> No
     p.loras, p.lora_count = array, len(loras)
 
 
+def _set_skip_layers(p: CStruct, layers: Sequence[int], keep: Keep) -> None:
+    keep.append(ffi.new("int[]", list(layers)))
+    p.sample_params.guidance.slg.layers, p.sample_params.guidance.slg.layer_count = keep[-1], len(layers)
+
+
+def _pair(x: str, y: str) -> Callable[[CStruct, Any, Keep], None]:
+    def setter(p: CStruct, value: Sequence[float], keep: Keep) -> None:
+        _at(x)(p, value[0], keep)
+        _at(y)(p, value[1], keep)
+    return setter
+
+
 # Each request field -> how it is written into an sd_img_gen_params_t (a None value leaves the
 # engine's default). A field without a setter here fails loudly, never silently.
 SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
@@ -66,6 +78,14 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
     "scheduler": _at("sample_params.scheduler", lambda v, _: lib.str_to_scheduler(v.encode())),
     "flow_shift": _at("sample_params.flow_shift"), "sigmas": _set_sigmas,
     "vae_tiling": _at("vae_tiling_params.enabled"), "loras": _set_loras,
+    "eta": _at("sample_params.eta"),
+    "slg_scale": _at("sample_params.guidance.slg.scale"), "skip_layers": _set_skip_layers,
+    "skip_layer_start": _at("sample_params.guidance.slg.layer_start"),
+    "skip_layer_end": _at("sample_params.guidance.slg.layer_end"),
+    "vae_tile_size": _pair("vae_tiling_params.tile_size_x", "vae_tiling_params.tile_size_y"),
+    "vae_tile_overlap": _at("vae_tiling_params.target_overlap"),
+    "vae_relative_tile_size": _pair("vae_tiling_params.rel_size_x", "vae_tiling_params.rel_size_y"),
+    "auto_resize_ref_image": _at("auto_resize_ref_image"),
 }
 
 

@@ -41,7 +41,7 @@ from .isolated import IsolatedEngine
 from .modelset import ModelSet
 from .presets import Preset, get_preset, preset_for_family
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, SHARED_SETTINGS
-from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn, request, resolve_seed
+from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn, request, request_fields, resolve_seed
 from .staged import Conditioning, GenerationResult, ImageItem, Latent, SweepResult
 from .weights import WeightPlan, parse_buffers, plan_weights
 
@@ -283,6 +283,9 @@ class Pipeline:
         """The sampler and scheduler the engine picks for this model filled in (asked once per
         sampler: later calls need no engine call, so they never wait behind a running one); the
         LoRAs checked, as absolute paths, those of multiplier 0 (which change nothing) left out."""
+        if s.slg_scale and self.family == Z_IMAGE:
+            raise InvalidArgumentError("skip-layer guidance: the engine's Z-Image DiT skips no layers, so it would "
+                                       "change nothing (FLUX.2 Klein has it)")
         loras = tuple((str(self._lora(path).path), m) for path, m in s.loras if m != 0.0)
         if loras != s.loras:
             s = dataclasses.replace(s, loras=loras)
@@ -347,7 +350,7 @@ class Pipeline:
         self._check_inputs(init_image, ref_images)
         seeds = list(seeds) if seeds is not None else s.seeds()
         s = self._complete(s)
-        init_pil, refs = prepare(s.width, s.height, init_image, ref_images)
+        init_pil, refs = prepare(s.width, s.height, init_image, ref_images, s.auto_resize_ref_image)
         start = time.perf_counter()
         cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, loras=s.loras, cancel=cancel)
         encode_s = time.perf_counter() - start
@@ -358,7 +361,7 @@ class Pipeline:
             latent = self._denoise(cond, one, init_latent=init, ref_images=refs, progress=progress, preview=preview,
                                    cancel=cancel)
             t0 = time.perf_counter()
-            image = self.decode(latent, vae_tiling=s.vae_tiling, cancel=cancel)
+            image = self._decode(latent, s, cancel)
             timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
                        "decode_s": time.perf_counter() - t0}
             yield ImageItem(image, one, latent, timings)
@@ -446,24 +449,32 @@ class Pipeline:
                       {"settings": s, "denoise_s": seconds})
 
     @overload
-    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ..., vae_tiling: bool = False,
-               cancel: CancelToken | None = None) -> Image.Image: ...
+    def decode(self, latent: Latent, *, output_type: Literal["pil"] = ..., cancel: CancelToken | None = None,
+               **tiling: Any) -> Image.Image: ...
 
     @overload
-    def decode(self, latent: Latent, *, output_type: Literal["np"], vae_tiling: bool = False,
-               cancel: CancelToken | None = None) -> np.ndarray: ...
+    def decode(self, latent: Latent, *, output_type: Literal["np"], cancel: CancelToken | None = None,
+               **tiling: Any) -> np.ndarray: ...
 
-    def decode(self, latent: Latent, *, output_type: str = "pil", vae_tiling: bool = False,
-               cancel: CancelToken | None = None) -> Image.Image | np.ndarray:
+    def decode(self, latent: Latent, *, output_type: str = "pil", cancel: CancelToken | None = None,
+               **tiling: Any) -> Image.Image | np.ndarray:
         """Latent to image: a PIL image, or with ``output_type="np"`` a uint8 array (H, W, 3).
 
-        ``vae_tiling``: decode in tiles (less memory at large sizes, tile seams possible)."""
+        ``tiling``: the request's VAE fields (``vae_tiling=True``: decode in tiles, less memory at
+        large sizes; ``vae_tile_size``, ``vae_tile_overlap``, ``vae_relative_tile_size``)."""
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError("output_type must be 'pil' or 'np'")
-        check_latent(latent, self.family)
-        s = request(prompt="", width=latent.width, height=latent.height, vae_tiling=vae_tiling)
-        pil = self.engine.decode(s, latent.data, token=cancel)
+        unknown = set(tiling) - {f for f in request_fields() if f.startswith("vae_")}
+        if unknown:
+            raise TypeError(f"decode() takes the request's VAE fields, not {', '.join(sorted(unknown))}")
+        pil = self._decode(latent, request(prompt="", **tiling), cancel)
         return pil if output_type == "pil" else np.asarray(pil)
+
+    def _decode(self, latent: Latent, s: GenerationSettings, cancel: CancelToken | None = None) -> Image.Image:
+        """The latent to an image as the request decodes it (its VAE tiling), at the latent's size."""
+        check_latent(latent, self.family)
+        s = dataclasses.replace(s, width=latent.width, height=latent.height, batch_count=1)
+        return self.engine.decode(s, latent.data, token=cancel)
 
     def encode_image(self, image: ImageLike, *, seed: int = 0, width: int | None = None,
                      height: int | None = None, cancel: CancelToken | None = None) -> Latent:

@@ -83,7 +83,7 @@ def default_threads() -> int:
 # boolean fields of ContextSettings that are sd_ctx_params_t fields of the same name
 ENGINE_FLAGS = ("flash_attn", "diffusion_flash_attn", "enable_mmap", "offload_params_to_cpu",
                 "keep_clip_on_cpu", "keep_vae_on_cpu", "vae_conv_direct", "diffusion_conv_direct",
-                "tae_preview_only")
+                "tae_preview_only", "circular_x", "circular_y")
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ class ContextSettings:
     vae_conv_direct: bool = False
     diffusion_conv_direct: bool = False
     tae_preview_only: bool = False       # with a taesd file: TAE previews, the full VAE for the image
+    circular_x: bool = False             # seamless across the left/right edges (tiling textures)
+    circular_y: bool = False             # seamless across the top/bottom edges
     rng: str = "cuda"                    # the engine's default noise generator
     sampler_rng: str | None = None    # None: same as rng
     backend: str = "auto"                # "auto" (the engine's choice: a GPU if any), "cpu" or "vulkan"
@@ -254,6 +256,15 @@ class GenerationSettings:
     strength: float = 0.75               # img2img: how much of the schedule runs on the init image
     vae_tiling: bool = False             # decode in tiles (the engine's default tile size and overlap)
     loras: tuple[tuple[str, float], ...] = ()   # (LoRA file, multiplier) pairs, applied together
+    eta: float | None = None             # ancestral samplers' noise (None: the engine's default)
+    slg_scale: float | None = None       # skip-layer guidance (FLUX.2; the Z-Image DiT skips no layers)
+    skip_layers: tuple[int, ...] | None = None   # the blocks it skips
+    skip_layer_start: float | None = None        # the part of the schedule it runs in
+    skip_layer_end: float | None = None
+    vae_tile_size: tuple[int, int] | None = None           # VAE tiles in latent cells (with vae_tiling)
+    vae_tile_overlap: float | None = None                  # their overlap, a fraction of a tile
+    vae_relative_tile_size: tuple[float, float] | None = None   # or tiles as a fraction of the latent
+    auto_resize_ref_image: bool = True   # fit references to the image (sd-cli's default); else as given
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -283,6 +294,24 @@ class GenerationSettings:
         if not isinstance(self.vae_tiling, bool):
             raise TypeError("vae_tiling must be a bool")
         object.__setattr__(self, "loras", lora_pairs(self.loras))
+        for name, lo, hi in (("eta", 0.0, 100.0), ("slg_scale", -100.0, 100.0), ("skip_layer_start", 0.0, 1.0),
+                             ("skip_layer_end", 0.0, 1.0), ("vae_tile_overlap", 0.0, 0.9)):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _float(name, getattr(self, name), lo, hi))
+        checks: tuple[tuple[str, Callable[[str, Any], float]], ...] = (
+            ("skip_layers", lambda n, v: _int(n, v, 0, 255)), ("vae_tile_size", lambda n, v: _int(n, v, 1, 1024)),
+            ("vae_relative_tile_size", lambda n, v: _float(n, v, 0.0, 64.0)))
+        for name, check in checks:
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                    raise TypeError(f"{name} must be a sequence of numbers")
+                object.__setattr__(self, name, tuple(check(name, v) for v in value))
+        for name in ("vae_tile_size", "vae_relative_tile_size"):
+            if getattr(self, name) is not None and len(getattr(self, name)) != 2:
+                raise InvalidArgumentError(f"{name} is (width, height)")
+        if not isinstance(self.auto_resize_ref_image, bool):
+            raise TypeError("auto_resize_ref_image must be a bool")
         if self.sigmas is not None:
             if isinstance(self.sigmas, (str, bytes)) or not hasattr(self.sigmas, "__len__"):
                 raise TypeError("sigmas must be a sequence of numbers")
@@ -366,8 +395,9 @@ def _from_text(name: str, kind: Any, text: str) -> Any:
             return int(t)
         if kind is float:
             return float(text)
-        if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] is float:
-            return tuple(float(v) for v in text.split(",") if v.strip())
+        if typing.get_origin(kind) is tuple and typing.get_args(kind)[0] in (int, float):
+            convert = typing.get_args(kind)[0]             # "1,0.5,0", "[7,8,9]", "32x32"
+            return tuple(convert(v) for v in re.split(r"[,x\[\] ]+", text.strip()) if v)
         if typing.get_origin(kind) is tuple:          # LoRAs: "file:multiplier,file2:multiplier"
             return tuple(v.strip() for v in text.split(",") if v.strip())
     except ValueError:

@@ -110,7 +110,7 @@ def test_removing_a_node_mid_run_loses_nothing(tiny_sets, pipelines, tmp_path, a
         assert report.missing == [] and report.made == len(g.rows)
         names = sorted(p.name for p in out.iterdir())
         assert names == sorted([f"{r.row_id}.png" for r in g.rows] + [f"{r.row_id}.json" for r in g.rows]
-                               + ["results.parquet"])              # each row once, no partial files
+                               + ["results.parquet", ".sweep.json"])   # each row once, no partial files
         recs = {r.row_id: json.loads((out / f"{r.row_id}.json").read_text()) for r in g.rows}
         on_worker = [x for x in recs.values() if x["ray_node"] == worker_id]
         assert on_worker and len(on_worker) < len(g.rows)

@@ -20,25 +20,37 @@ from ..settings import parse_request, request_fields
 
 SD_CLI_DEFAULT_SEED = 42
 
-# sd-cli flags we know and refuse: the engine runs them, sdcpp-py does not offer them yet.
-UNSUPPORTED = (
-    "--clip_l", "--clip_g", "--clip_vision", "--t5xxl", "--llm_vision", "--qwen2vl_vision",
-    "--high-noise-diffusion-model", "--control-net", "--embd-dir", "--hires-upscalers-dir",
-    "--photo-maker", "--upscale-model", "--chroma-t5-mask-pad", "--max-vram", "--force-sdxl-vae-conv-scale",
-    "--control-net-cpu", "--circular", "--circularx", "--circulary", "--chroma-disable-dit-mask",
-    "--qwen-image-zero-cond-t", "--chroma-enable-t5-mask", "--prediction", "--end-img",
-    "--mask", "--control-image", "--control-video", "--pm-id-images-dir", "--pm-id-embed-path",
-    "--hires-upscaler", "--high-noise-steps", "--clip-skip", "--video-frames", "--fps", "--timestep-shift",
-    "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
-    "--hires-upscale-tile-size", "--img-cfg-scale", "--slg-scale", "--skip-layer-start", "--skip-layer-end",
-    "--eta", "--high-noise-cfg-scale", "--high-noise-img-cfg-scale", "--high-noise-guidance",
-    "--high-noise-slg-scale", "--high-noise-skip-layer-start", "--high-noise-skip-layer-end", "--high-noise-eta",
-    "--pm-style-strength", "--control-strength", "--moe-boundary", "--vace-strength", "--vae-tile-overlap",
-    "--hires-scale", "--hires-denoising-strength", "--increase-ref-index", "--disable-auto-resize-ref-image",
-    "--hires", "--high-noise-sampling-method", "--skip-layers", "--high-noise-skip-layers", "--cache-mode",
-    "--cache-option", "--scm-mask", "--scm-policy", "--vae-tile-size", "--vae-relative-tile-size", "--canny",
-    "--metadata-raw", "--metadata-brief", "--metadata-all",
-)
+# sd-cli flags we know and refuse, and why (for Z-Image and FLUX.2 Klein, in this engine).
+_OTHER_ENCODERS = "an encoder of other model families (Z-Image and FLUX.2 Klein use Qwen3 alone)"
+_VIDEO = "video generation (Wan): out of scope"
+_CONTROL = "ControlNet is SD-family only in this engine (Z-Image ControlNet: not yet)"
+_SD_ONLY = "an SD-family option with no effect on these models"
+_NOT_YET = "not offered yet: the engine runs it, sdcpp-py does not pass it on"
+REFUSED: dict[str, str] = {
+    **dict.fromkeys(("--clip_l", "--clip_g", "--clip_vision", "--t5xxl", "--llm_vision", "--qwen2vl_vision"),
+                    _OTHER_ENCODERS),
+    **dict.fromkeys(("--high-noise-diffusion-model", "--end-img", "--control-video", "--high-noise-steps",
+                     "--video-frames", "--fps", "--high-noise-cfg-scale", "--high-noise-img-cfg-scale",
+                     "--high-noise-guidance", "--high-noise-slg-scale", "--high-noise-skip-layer-start",
+                     "--high-noise-skip-layer-end", "--high-noise-eta", "--moe-boundary", "--vace-strength",
+                     "--high-noise-sampling-method", "--high-noise-skip-layers"), _VIDEO),
+    **dict.fromkeys(("--control-net", "--control-net-cpu", "--control-image", "--control-strength", "--canny"),
+                    _CONTROL),
+    **dict.fromkeys(("--photo-maker", "--pm-id-images-dir", "--pm-id-embed-path", "--pm-style-strength"),
+                    "PhotoMaker is SDXL-only"),
+    **dict.fromkeys(("--chroma-t5-mask-pad", "--chroma-disable-dit-mask", "--chroma-enable-t5-mask"),
+                    "a Chroma option"),
+    **dict.fromkeys(("--clip-skip", "--embd-dir", "--force-sdxl-vae-conv-scale", "--img-cfg-scale",
+                     "--qwen-image-zero-cond-t", "--prediction"), _SD_ONLY),
+    "--timestep-shift": "a shifted timestep is SDXL-only in this engine (it is reset to 0 for flow models)",
+    "--increase-ref-index": "FLUX.2 gives each reference its own index already; Z-Image takes no references",
+    **dict.fromkeys(("--max-vram", "--hires-upscalers-dir", "--upscale-model", "--mask", "--hires-upscaler",
+                     "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
+                     "--hires-upscale-tile-size", "--hires-scale", "--hires-denoising-strength", "--hires",
+                     "--cache-mode", "--cache-option", "--scm-mask", "--scm-policy", "--metadata-raw",
+                     "--metadata-brief", "--metadata-all"), _NOT_YET),
+}
+UNSUPPORTED = tuple(REFUSED)
 MODES = ("img_gen", "convert", "metadata")
 UNSUPPORTED_MODES = ("vid_gen", "upscale")
 
@@ -99,6 +111,9 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                      help="number of threads (default -1: the physical cores)")
     ctx.add_argument("--offload-to-cpu", action="store_true", help="weights in RAM, loaded to VRAM when needed")
     ctx.add_argument("--mmap", action="store_true", help="memory-map the model files")
+    ctx.add_argument("--circular", action="store_true", help="seamless across both pairs of edges")
+    ctx.add_argument("--circularx", action="store_true", help="seamless across the left/right edges")
+    ctx.add_argument("--circulary", action="store_true", help="seamless across the top/bottom edges")
     ctx.add_argument("--lora-model-dir", type=Path,
                      help="folder of the LoRA files a prompt's <lora:NAME:WEIGHT> names (default: .)")
     ctx.add_argument("--lora-apply-mode", choices=("auto", "immediately", "at_runtime"),
@@ -136,6 +151,16 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                      help="sampling method (euler, euler_a, heun, dpm++2m, ...)")
     gen.add_argument("--scheduler", help="denoiser sigma scheduler (discrete, karras, simple, ...)")
     gen.add_argument("--sigmas", type=_csv_floats, help='custom sigmas, comma-separated ("1.0,0.5,0.0")')
+    gen.add_argument("--eta", type=float, help="eta of the ancestral samplers (default: the engine's)")
+    gen.add_argument("--skip-layers", help='skip-layer guidance: the blocks to skip, e.g. "[7,8,9]" (FLUX.2)')
+    gen.add_argument("--slg-scale", type=float, help="skip-layer guidance scale (default 0: off)")
+    gen.add_argument("--skip-layer-start", type=float, help="skip-layer guidance starts (default 0.01)")
+    gen.add_argument("--skip-layer-end", type=float, help="skip-layer guidance ends (default 0.2)")
+    gen.add_argument("--vae-tile-size", help="VAE tile size in latent cells, WxH (with --vae-tiling)")
+    gen.add_argument("--vae-tile-overlap", type=float, help="VAE tile overlap, a fraction of a tile (default 0.5)")
+    gen.add_argument("--vae-relative-tile-size", help="VAE tile size as a fraction of the latent, WxH")
+    gen.add_argument("--disable-auto-resize-ref-image", dest="auto_resize_ref_image", action="store_false",
+                     default=None, help="use reference images at their own size (sides: multiples of 16)")
     gen.add_argument("-r", "--ref-image", action="append", default=[],
                      help="reference image (FLUX.2 editing; can be used multiple times)")
 
@@ -165,8 +190,8 @@ def parse(argv: list[str], parser: argparse.ArgumentParser | None = None) -> arg
     """Parse sd-cli's command line; CliError for refused flags and values."""
     for arg in argv:
         flag = arg.split("=", 1)[0]
-        if flag in UNSUPPORTED:
-            raise CliError(f"{flag}: an sd-cli flag that sdcpp-py does not support")
+        if flag in REFUSED:
+            raise CliError(f"{flag}: an sd-cli flag that sdcpp-py refuses: {REFUSED[flag]}")
     args = (parser or build_parser()).parse_args(argv)
     if args.mode in UNSUPPORTED_MODES:
         raise CliError(f"-M {args.mode}: an sd-cli mode that sdcpp-py does not support")
@@ -186,7 +211,7 @@ PER_JOB = ("prompt", "negative_prompt", "seed", "batch_count")
 def request_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The request fields the flags set (every flag whose dest is a request field; PER_JOB aside)."""
     given = {k: getattr(args, k) for k in request_fields() if k not in PER_JOB and hasattr(args, k)}
-    return parse_request(given, where="flags")
+    return parse_request(given, where="flags", text=True)
 
 
 def model_files(args: argparse.Namespace) -> dict[str, str]:
@@ -211,6 +236,8 @@ def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
     flags = {"flash_attn": args.fa, "diffusion_flash_attn": args.diffusion_fa, "vae_conv_direct": args.vae_conv_direct,
              "diffusion_conv_direct": args.diffusion_conv_direct}
     out.update({k: bool(v or stored.get(k)) for k, v in flags.items()})
+    out.update({"circular_x": bool(args.circular or args.circularx or stored.get("circular_x")),
+                "circular_y": bool(args.circular or args.circulary or stored.get("circular_y"))})
     out.update({"enable_mmap": args.mmap, "offload_params_to_cpu": args.offload_to_cpu,
                 "keep_clip_on_cpu": args.clip_on_cpu, "keep_vae_on_cpu": args.vae_on_cpu,
                 "backend": args.backend, "device": device})

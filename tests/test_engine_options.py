@@ -1,0 +1,79 @@
+"""sd-cli's other image flags that apply to these families, through the request: each changes the
+image, and sd-cli with the same flags makes the same pixels; those that do not apply are refused
+saying why."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdcpp_py import InvalidArgumentError, Pipeline
+from sdcpp_py.cli import main
+
+KW = dict(width=64, height=64, steps=3, seed=5)
+
+
+def _files(m):
+    return {"diffusion_model": m.diffusion_model, "llm": m.llm, "vae": m.vae}
+
+
+@pytest.mark.parametrize("fam, flags, settings, context", [
+    ("z-image-turbo", ["--sampling-method", "euler_a", "--eta", "0.3"], {"sampler": "euler_a", "eta": 0.3}, {}),
+    ("z-image-turbo", ["--vae-tiling", "--vae-tile-size", "4x4", "--vae-tile-overlap", "0.25"],
+     {"vae_tiling": True, "vae_tile_size": (4, 4), "vae_tile_overlap": 0.25}, {}),
+    ("z-image-turbo", ["--vae-tiling", "--vae-relative-tile-size", "0.5x0.5"],
+     {"vae_tiling": True, "vae_relative_tile_size": (0.5, 0.5)}, {}),
+    ("flux2-klein", ["--slg-scale", "2", "--skip-layers", "[0]", "--skip-layer-start", "0", "--skip-layer-end", "1"],
+     {"slg_scale": 2.0, "skip_layers": (0,), "skip_layer_start": 0.0, "skip_layer_end": 1.0}, {}),
+    ("flux2-klein", ["--circular"], {}, {"circular_x": True, "circular_y": True}),
+    ("z-image-turbo", ["--circularx"], {}, {"circular_x": True}),
+])
+def test_option_changes_the_image_as_sd_cli_does(sd_cli, tiny_sets, pipelines, tmp_path, fam, flags, settings,
+                                                context):
+    m = tiny_sets[fam]
+    with Pipeline(**_files(m), n_threads=2, **context) as pipe:
+        ours = pipe.generate("a lighthouse", **settings, **KW)
+    base = pipelines[fam].generate("a lighthouse", vae_tiling=settings.get("vae_tiling", False),
+                                   sampler=settings.get("sampler"), **KW).arrays[0]
+    assert np.abs(ours.arrays[0].astype(int) - base).mean() > 0.5
+    files = ["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae)]
+    common = [*files, "-p", "a lighthouse", "-W", "64", "-H", "64", "--steps", "3", "-s", "5", "-t", "2",
+              "--cfg-scale", "1", *flags]
+    run = subprocess.run([str(sd_cli), *common, "-o", str(tmp_path / "cli.png")], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = np.asarray(Image.open(tmp_path / "cli.png").convert("RGB"))
+    assert np.array_equal(ours.arrays[0], theirs)
+    assert main([*common, "-o", str(tmp_path / "ours.png"), "--no-progress"]) == 0      # our CLI, same flags
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png").convert("RGB")), theirs)
+
+
+def test_options_that_do_not_apply_are_refused(pipelines, capsys):
+    with pytest.raises(InvalidArgumentError, match="Z-Image DiT skips no layers"):
+        pipelines["z-image-turbo"].generate("x", slg_scale=2.0, skip_layers=(3,), **KW)
+    for flag, why in (("--timestep-shift", "SDXL-only"), ("--increase-ref-index", "own index"),
+                      ("--canny", "ControlNet"), ("--clip_l", "Qwen3 alone"), ("--fps", "video")):
+        assert main(["-p", "x", "--diffusion-model", "m.gguf", flag, "1"]) == 2
+        assert why in capsys.readouterr().err, flag
+    for bad in ({"vae_tile_size": (4,)}, {"vae_tile_overlap": 2.0}, {"eta": -1.0}, {"skip_layers": "7"}):
+        with pytest.raises((InvalidArgumentError, TypeError)):
+            pipelines["flux2-klein"].generate("x", **bad, **KW)
+
+
+def test_references_at_their_own_size(pipelines):
+    """The staged loop fits references to the image's budget as sd-cli does; with
+    auto_resize_ref_image off they reach the engine as given, as one-shot sends them."""
+    from sdcpp_py._images import prepare
+
+    ref = Image.fromarray((np.random.default_rng(0).random((192, 96, 3)) * 255).astype(np.uint8))
+    assert prepare(64, 64, None, [ref])[1][0].size == (32, 80)          # within 64x64 pixels, sides of 16
+    assert prepare(64, 64, None, [ref], fit=False)[1][0].size == (96, 192)
+    pipe = pipelines["flux2-klein"]
+    s = pipe.settings_for("x", auto_resize_ref_image=False, **KW)
+    staged = np.asarray(next(pipe.images(s, ref_images=[ref])).image)
+    assert np.array_equal(staged, pipe.generate("x", ref_images=[ref], auto_resize_ref_image=False, **KW).arrays[0])
+    with pytest.raises(InvalidArgumentError, match="multiples of 16"):
+        pipe.generate("x", ref_images=[Image.new("RGB", (40, 40))], auto_resize_ref_image=False, **KW)
