@@ -90,7 +90,7 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
 
 
 def image_params(s: GenerationSettings, *, init_image: ImageLike | None = None,
-                 ref_images: Sequence[ImageLike] = ()) -> tuple[CStruct, Keep]:
+                 ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None) -> tuple[CStruct, Keep]:
     """An ``sd_img_gen_params_t*`` for the request (``sd_img_gen_params_init`` first)."""
     params = ffi.new("sd_img_gen_params_t*")
     lib.sd_img_gen_params_init(params)
@@ -103,6 +103,8 @@ def image_params(s: GenerationSettings, *, init_image: ImageLike | None = None,
             SETTERS[f.name](params, value, keep)
     if init_image is not None:
         keep.append(fill_image(params.init_image, init_image))
+    if mask is not None:
+        keep.append(fill_image(params.mask_image, mask, channels=1))
     if ref_images:
         refs = ffi.new("sd_image_t[]", len(ref_images))
         keep.append(refs)
@@ -146,11 +148,13 @@ def weight_type_id(wtype: str | None) -> int:
 
 
 # -- images ------------------------------------------------------------------------------------
-def fill_image(struct: CStruct, image: ImageLike) -> tuple[np.ndarray, CStruct]:
-    """Point an ``sd_image_t`` at an RGB copy of ``image``; returns what must stay alive."""
-    rgb = np.ascontiguousarray(np.asarray(as_pil(image)), dtype=np.uint8)
+def fill_image(struct: CStruct, image: ImageLike, channels: int = 3) -> tuple[np.ndarray, CStruct]:
+    """Point an ``sd_image_t`` at an RGB (or, ``channels=1``, a gray) copy of ``image``; returns what
+    must stay alive."""
+    pil = as_pil(image) if channels == 3 else image.convert("L") if isinstance(image, Image.Image) else image
+    rgb = np.ascontiguousarray(np.asarray(pil), dtype=np.uint8)
     buf = ffi.from_buffer(rgb)
-    struct.width, struct.height, struct.channel = rgb.shape[1], rgb.shape[0], 3
+    struct.width, struct.height, struct.channel = rgb.shape[1], rgb.shape[0], channels
     struct.data = ffi.cast("uint8_t*", buf)
     return (rgb, buf)
 

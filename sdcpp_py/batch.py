@@ -106,14 +106,15 @@ class RowWorker:
             if row.model != rows[0].model:
                 raise InvalidArgumentError("a work unit holds rows of one model set")
             p = dict(row.params)
-            init = p.pop("init_image", None)
+            init, mask = p.pop("init_image", None), p.pop("mask", None)
             refs = p.pop("ref_images", ())
             start = time.perf_counter()
             s = pipe.settings_for(**p)
             init_image = open_image(init) if init else None
             ref_images = [open_image(r) for r in refs]
             misses = pipe.encodings.info().misses
-            item = next(pipe.images(s, init_image=init_image, ref_images=ref_images))
+            item = next(pipe.images(s, init_image=init_image, ref_images=ref_images,
+                                    mask=open_image(mask, "mask", "L") if mask else None))
             if pipe.encodings.info().misses == misses:      # the prompt's encoding came from the cache
                 item.timings["encode_s"] = 0.0
             if weights is None:

@@ -240,7 +240,8 @@ class Engine(Owner):
         return self.run(read)
 
     def generate(self, s: GenerationSettings, init_image: ImageLike | None = None,
-                 ref_images: Sequence[ImageLike] = (), *, progress: ProgressFn | None = None,
+                 ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None, *,
+                 progress: ProgressFn | None = None,
                  preview: Preview | None = None,
                  token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str]]:
         """Upstream's generate_image: the request's images, the seconds it took and the buffers
@@ -248,7 +249,7 @@ class Engine(Owner):
         def generate(ctx: SdCtx) -> tuple[list[Image.Image], float, dict[str, str]]:
             self._ensure(ctx, ENCODER)
             self._ensure(ctx, DIFFUSION)
-            params, keep = image_params(s, init_image=init_image, ref_images=ref_images)
+            params, keep = image_params(s, init_image=init_image, ref_images=ref_images, mask=mask)
             out = ffi.new("sd_image_t**")
 
             def free() -> None:
@@ -285,13 +286,14 @@ class Engine(Owner):
         return self.run(encode, token=token)
 
     def denoise(self, s: GenerationSettings, condition: Parts, init_latent: np.ndarray | None = None,
-                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (), *,
+                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
+                mask: Image.Image | None = None, *,
                 progress: ProgressFn | None = None, preview: Preview | None = None,
                 token: CancelToken | None = None) -> tuple[np.ndarray, float]:
         """Conditioning (+ init latent, + noise) to one latent, and the seconds."""
         def denoise(ctx: SdCtx) -> tuple[np.ndarray, float]:
             self._ensure(ctx, DIFFUSION)
-            params, keep = image_params(s, ref_images=ref_images)
+            params, keep = image_params(s, ref_images=ref_images, mask=mask)
             cond = TensorViews(condition)
             init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
             noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None

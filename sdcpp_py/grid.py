@@ -42,7 +42,7 @@ from .fileid import file_hash
 from .modelset import ModelSet, absolute, content, model_set
 from .settings import lora_pairs, parse_request, parse_size, request, request_fields, seed_range
 
-IMAGE_KEYS = ("init_image", "ref_images")      # file paths
+IMAGE_KEYS = ("init_image", "mask", "ref_images")      # file paths
 LIST_VALUED = ("sigmas", "ref_images", "loras")   # lists as values: a list of lists sweeps them
 MAX_SEED = 2**63 - 1
 MAX_ROWS = 1_000_000
@@ -96,8 +96,9 @@ def row_id(models: Mapping[str, ModelSet], model: str, params: Mapping[str, Any]
     keyed = dict(params)
     if "loras" in keyed:
         keyed["loras"] = [[content(p), w] for p, w in keyed["loras"]]
-    if "init_image" in keyed:
-        keyed["init_image"] = _image_identity(keyed["init_image"])
+    for key in ("init_image", "mask"):
+        if key in keyed:
+            keyed[key] = _image_identity(keyed[key])
     if "ref_images" in keyed:
         keyed["ref_images"] = [_image_identity(r) for r in keyed["ref_images"]]
     text = json.dumps({"model": models[model].identity, "params": keyed}, sort_keys=True, separators=(",", ":"))
@@ -206,8 +207,9 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
             if "width" in params or "height" in params:
                 raise InvalidArgumentError("give size or width/height, not both")
             params["width"], params["height"] = parse_size(params.pop("size"))
-        if "init_image" in params:
-            params["init_image"] = absolute(params["init_image"], base)
+        for key in ("init_image", "mask"):
+            if key in params:
+                params[key] = absolute(params[key], base)
         if "loras" in params:                      # "file:weight" strings or [file, weight] pairs
             try:
                 params["loras"] = [[absolute(p, base), w] for p, w in lora_pairs(params["loras"])]

@@ -439,17 +439,18 @@ class IsolatedEngine:
         return _reply_as(tuple, self._call("default_method", sampler))
 
     def generate(self, s: GenerationSettings, init_image: ImageLike | None = None,
-                 ref_images: Sequence[ImageLike] = (),
+                 ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None,
                  **kwargs: Any) -> tuple[list[Image.Image], float, dict[str, str]]:
-        return _reply_as(tuple, self._call("generate", s, init_image, list(ref_images), **kwargs))
+        return _reply_as(tuple, self._call("generate", s, init_image, list(ref_images), mask, **kwargs))
 
     def encode(self, s: GenerationSettings, with_negative: bool, **kwargs: Any) -> tuple[Parts, float]:
         return _reply_as(tuple, self._call("encode", s, with_negative, **kwargs))
 
     def denoise(self, s: GenerationSettings, condition: Parts, init_latent: np.ndarray | None = None,
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
-                **kwargs: Any) -> tuple[np.ndarray, float]:
-        return _reply_as(tuple, self._call("denoise", s, condition, init_latent, noise, list(ref_images), **kwargs))
+                mask: Image.Image | None = None, **kwargs: Any) -> tuple[np.ndarray, float]:
+        return _reply_as(tuple, self._call("denoise", s, condition, init_latent, noise, list(ref_images), mask,
+                                           **kwargs))
 
     def decode(self, s: GenerationSettings, latent: np.ndarray, **kwargs: Any) -> Image.Image:
         return _reply_as(Image.Image, self._call("decode", s, latent, **kwargs))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from . import backends
 from ._engine_thread import CancelToken
-from ._images import ImageLike, as_pil, prepare
+from ._images import ImageLike, as_mask, as_pil, prepare
 from .cache import EncodingCache
 from .checks import (
     LoraInfo,
@@ -299,9 +299,10 @@ class Pipeline:
 
     # -- one-shot generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
-                 progress: ProgressFn | None = None, preview: Preview | None = None,
+                 mask: ImageLike | None = None, progress: ProgressFn | None = None, preview: Preview | None = None,
                  cancel: CancelToken | None = None, **settings: Any) -> GenerationResult:
-        """Text (and optionally an init image, or reference images) to image in one call.
+        """Text (and optionally an init image, with a ``mask`` to inpaint, or reference images) to
+        image in one call. ``mask``: one channel, the init image's size; white regenerates.
 
         ``settings``: any :class:`GenerationSettings` field (``width``, ``steps``, ``seed``, ...);
         unset ones take the preset's defaults, ``seed=None`` draws a random 63-bit seed, reported
@@ -309,14 +310,15 @@ class Pipeline:
         :class:`Cancelled`). ``preview``: images during sampling.
         """
         s = self.settings_for(prompt, **settings)
-        return self.generate_with(s, init_image=init_image, ref_images=ref_images, progress=progress,
+        return self.generate_with(s, init_image=init_image, ref_images=ref_images, mask=mask, progress=progress,
                                   preview=preview, cancel=cancel)
 
     __call__ = generate
 
     def generate_with(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
-                      ref_images: Sequence[ImageLike] = (), progress: ProgressFn | None = None,
-                      preview: Preview | None = None, cancel: CancelToken | None = None) -> GenerationResult:
+                      ref_images: Sequence[ImageLike] = (), mask: ImageLike | None = None,
+                      progress: ProgressFn | None = None, preview: Preview | None = None,
+                      cancel: CancelToken | None = None) -> GenerationResult:
         """Generate a complete request (upstream's generate_image).
 
         With ``release_diffusion`` the same steps run as staged calls (same pixels),
@@ -324,23 +326,27 @@ class Pipeline:
         self._require_open()
         self._check_inputs(init_image, ref_images)
         check_ref_images(ref_images)
+        init_pil = as_pil(init_image) if init_image is not None else None
+        pil_mask = prepare(init_pil.width, init_pil.height, init_pil, (), mask=mask)[2] if init_pil else None
+        if mask is not None and init_pil is None:
+            raise InvalidArgumentError("a mask needs an init image: it marks what of it to regenerate")
         start = time.perf_counter()
         with self.engine.operation(cancel):
             s = self._complete(s)
             if self.settings.release_diffusion:
                 images = [item.image for item in self.images(s, init_image=init_image, ref_images=ref_images,
-                                                             progress=progress, preview=preview)]
+                                                             mask=mask, progress=progress, preview=preview)]
                 buffers = {} if self.closed else self.engine.all_buffers()   # closed by another thread since
                 seconds = time.perf_counter() - start
             else:
-                images, seconds, buffers = self.engine.generate(s, init_image, ref_images, progress=progress,
-                                                                preview=preview, token=cancel)
+                images, seconds, buffers = self.engine.generate(s, init_pil, ref_images, pil_mask,
+                                                                progress=progress, preview=preview, token=cancel)
         return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
 
     # -- staged generation -------------------------------------------------------------------
     def images(self, s: GenerationSettings, *, seeds: Sequence[int] | None = None,
                init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
-               progress: ProgressFn | None = None, preview: Preview | None = None,
+               mask: ImageLike | None = None, progress: ProgressFn | None = None, preview: Preview | None = None,
                cancel: CancelToken | None = None) -> Iterator[ImageItem]:
         """The staged loop, one image at a time as each is decoded: the prompt encoded once
         (cached), the init image resized to the request's size and encoded once (seeded with the
@@ -350,7 +356,7 @@ class Pipeline:
         self._check_inputs(init_image, ref_images)
         seeds = list(seeds) if seeds is not None else s.seeds()
         s = self._complete(s)
-        init_pil, refs = prepare(s.width, s.height, init_image, ref_images, s.auto_resize_ref_image)
+        init_pil, refs, pil_mask = prepare(s.width, s.height, init_image, ref_images, s.auto_resize_ref_image, mask)
         start = time.perf_counter()
         cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, loras=s.loras, cancel=cancel)
         encode_s = time.perf_counter() - start
@@ -358,8 +364,8 @@ class Pipeline:
                                                                height=s.height, cancel=cancel)
         for i, seed in enumerate(seeds):
             one = s.one(seed)
-            latent = self._denoise(cond, one, init_latent=init, ref_images=refs, progress=progress, preview=preview,
-                                   cancel=cancel)
+            latent = self._denoise(cond, one, init_latent=init, ref_images=refs, mask=pil_mask, progress=progress,
+                                   preview=preview, cancel=cancel)
             t0 = time.perf_counter()
             image = self._decode(latent, s, cancel)
             timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
@@ -412,11 +418,12 @@ class Pipeline:
         return cond
 
     def denoise(self, conditioning: Conditioning, *, init_latent: Latent | None = None,
-                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
+                noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (), mask: ImageLike | None = None,
                 progress: ProgressFn | None = None, preview: Preview | None = None,
                 cancel: CancelToken | None = None, **settings: Any) -> Latent:
         """Sample one latent from a conditioning, as generate() samples it for the same seed.
-        ``settings``: :class:`GenerationSettings` fields, as for generate()."""
+        ``settings``: :class:`GenerationSettings` fields, as for generate(); ``mask`` (with
+        ``init_latent``, of its pixel size): white regenerates, black keeps the init latent."""
         check_conditioning(conditioning, self.family, self.components.dit_context_dim)
         if conditioning.encoder != self.encoder_id:
             logger.warning("conditioning comes from another text encoder (%s)", conditioning.encoder)
@@ -425,11 +432,14 @@ class Pipeline:
             settings["width"] = settings.get("width") or init_latent.width
             settings["height"] = settings.get("height") or init_latent.height
         s = self.settings_for(conditioning.prompt, **{**settings, "negative_prompt": conditioning.negative_prompt})
+        if mask is not None and init_latent is None:
+            raise InvalidArgumentError("a mask needs an init latent: it marks what of it to regenerate")
+        pil_mask = as_mask(mask, (s.width, s.height)) if mask is not None else None
         return self._denoise(conditioning, s, init_latent=init_latent, noise=noise, ref_images=ref_images,
-                             progress=progress, preview=preview, cancel=cancel)
+                             mask=pil_mask, progress=progress, preview=preview, cancel=cancel)
 
     def _denoise(self, conditioning: Conditioning, s: GenerationSettings, *, init_latent: Latent | None = None,
-                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
+                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None,
                  progress: ProgressFn | None = None, preview: Preview | None = None,
                  cancel: CancelToken | None = None) -> Latent:
         self._check_inputs(None, ref_images)
@@ -444,7 +454,7 @@ class Pipeline:
                 raise InvalidArgumentError("noise holds NaN or infinite values")
         data, seconds = self.engine.denoise(s, list(conditioning.parts.items()),
                                             init_latent.data if init_latent is not None else None, noise,
-                                            list(ref_images), progress=progress, preview=preview, token=cancel)
+                                            list(ref_images), mask, progress=progress, preview=preview, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
                       {"settings": s, "denoise_s": seconds})
 

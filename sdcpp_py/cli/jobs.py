@@ -30,7 +30,7 @@ from .sdcli import CliError
 
 # A JSON line's keys: every request field (sd-cli's spelling of one as an alias), and the line's own.
 LINE_ALIASES = {"sampling_method": "sampler"}
-LINE_OWN = ("seeds", "init_img", "ref_images", "output")
+LINE_OWN = ("seeds", "init_img", "mask", "ref_images", "output")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_WIDTH = 64                     # a {field:>N} or %Nd width at most (a huge one allocates the string)
 _PRINTF = re.compile(r"(?:[^%]|^)(?:%%)*(%\d{0,2}d)")
@@ -46,6 +46,7 @@ class Job:
     prompt_index: int
     overrides: dict[str, Any] = field(default_factory=dict)
     init_img: str | None = None
+    mask: str | None = None
     ref_images: list[str] = field(default_factory=list)
     output: str | None = None
 
@@ -103,7 +104,7 @@ def read_prompt_file(path: Path) -> list[dict[str, Any]]:
 
 
 def make_jobs(lines: Sequence[dict[str, Any]], seeds: list[int], negative_prompt: str,
-              init_img: str | None, ref_images: list[str]) -> list[Job]:
+              init_img: str | None, ref_images: list[str], mask: str | None = None) -> list[Job]:
     jobs = []
     for i, line in enumerate(lines):
         item = dict(line)
@@ -123,13 +124,14 @@ def make_jobs(lines: Sequence[dict[str, Any]], seeds: list[int], negative_prompt
             line_seeds = [seeds[0] + k for k in range(count)] if isinstance(count, int) else seeds
         refs = item.pop("ref_images", ref_images)
         prompt, negative = item.pop("prompt"), item.pop("negative_prompt", negative_prompt)
-        init, output = item.pop("init_img", init_img), item.pop("output", None)
+        init, output, line_mask = item.pop("init_img", init_img), item.pop("output", None), item.pop("mask", mask)
         try:
             overrides = parse_request(item, where=f"--prompt-file line {number}")
         except InvalidArgumentError as e:
             raise CliError(str(e)) from None
         jobs.append(Job(prompt=prompt, negative_prompt=negative, seeds=list(line_seeds), prompt_index=i,
-                        init_img=init, ref_images=list(refs) if isinstance(refs, list) else [refs], output=output,
+                        init_img=init, mask=line_mask, ref_images=list(refs) if isinstance(refs, list) else [refs],
+                        output=output,
                         overrides=overrides))
     return jobs
 

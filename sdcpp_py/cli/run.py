@@ -75,7 +75,7 @@ def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]
     # the flags' request fields, the stored image's settings filling what they leave unset
     stored_settings = {k: v for k, v in stored.settings.to_dict().items() if k not in PER_JOB} if stored else {}
     base = {**parse_request(stored_settings), **request_flags(args)}
-    jobs = make_jobs(lines, seeds, negative, args.init_img, list(args.ref_image))
+    jobs = make_jobs(lines, seeds, negative, args.init_img, list(args.ref_image), args.mask)
     for job in jobs:
         job.overrides = {**base, **job.overrides}
         job.prompt, tagged = extract_loras(job.prompt, args.lora_model_dir)    # sd-cli's <lora:NAME:WEIGHT>
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         index = 0
         for job in jobs:
             init = open_image(job.init_img, "--init-img") if job.init_img else None
+            mask = open_image(job.mask, "--mask", "L") if job.mask else None
             refs = [open_image(r, "--ref-image") for r in job.ref_images]
             overrides = dict(job.overrides)
             source = init or (refs[0] if refs else None)
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             per_seed = init is not None and (args.seeds is not None or args.seed_range is not None)
             groups = [[seed] for seed in job.seeds] if per_seed else [job.seeds]
             for seeds in groups:
-                items = pipe.images(s, seeds=seeds, init_image=init, ref_images=refs, progress=bars, preview=preview)
+                items = pipe.images(s, seeds=seeds, init_image=init, ref_images=refs, mask=mask, progress=bars,
+                                    preview=preview)
                 for item in items:
                     bars.close()
                     path = names.name(index, job, item.seed, item.settings)

@@ -44,7 +44,7 @@ REFUSED: dict[str, str] = {
                      "--qwen-image-zero-cond-t", "--prediction"), _SD_ONLY),
     "--timestep-shift": "a shifted timestep is SDXL-only in this engine (it is reset to 0 for flow models)",
     "--increase-ref-index": "FLUX.2 gives each reference its own index already; Z-Image takes no references",
-    **dict.fromkeys(("--max-vram", "--hires-upscalers-dir", "--upscale-model", "--mask", "--hires-upscaler",
+    **dict.fromkeys(("--max-vram", "--hires-upscalers-dir", "--upscale-model", "--hires-upscaler",
                      "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
                      "--hires-upscale-tile-size", "--hires-scale", "--hires-denoising-strength", "--hires",
                      "--cache-mode", "--cache-option", "--scm-mask", "--scm-policy", "--metadata-raw",
@@ -134,6 +134,7 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     gen.add_argument("-p", "--prompt", help="the prompt to render")
     gen.add_argument("-n", "--negative-prompt", help='the negative prompt (default: "")')
     gen.add_argument("-i", "--init-img", help="path to the init image (img2img)")
+    gen.add_argument("--mask", help="path to the inpainting mask (white: regenerate; the init image's size)")
     gen.add_argument("-H", "--height", type=int, help="image height (default: the preset's)")
     gen.add_argument("-W", "--width", type=int, help="image width (default: the preset's)")
     gen.add_argument("--steps", type=int, help="number of sample steps (default: the preset's)")

@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._images import prepare, size_of
+from .._images import mask_from_alpha, prepare, size_of
 from ..errors import InvalidArgumentError
 from ..families import FLUX2_DEV, FLUX2_KLEIN
 from ..settings import GenerationSettings, lora_pairs, parse_request, parse_size, request_fields
@@ -227,8 +227,8 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
-        body, images = await _edit_form(request)
-        job = await asyncio.to_thread(_submit, body, images)      # resizing: off the event loop
+        body, images, mask = await _edit_form(request)
+        job = await asyncio.to_thread(_submit, body, images, mask)      # resizing: off the event loop
         return await _wait(job, request)
 
     @app.post("/v1/jobs", status_code=202)
@@ -282,17 +282,17 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         except Expired:
             raise ApiError(410, f"job {job_id} expired (results are kept {limits.result_ttl_s:g} s)") from None
 
-    def _submit(body: dict[str, Any], images: list[Image.Image]) -> Job:
+    def _submit(body: dict[str, Any], images: list[Image.Image], mask: Image.Image | None = None) -> Job:
         served = registry.get(body["model"])
         if served is None:
             raise ApiError(404, f"no model {body['model']!r} (GET /v1/models)", param="model")
         if body["response_format"] == "url":
             raise ApiError(400, "response_format 'url' is not supported: use b64_json", param="response_format")
         body["loras"] = _loras(body.get("loras") or (), config.lora_dir)
-        settings, init_image, refs = _settings(served, body, images, limits)
+        settings, init_image, refs, mask = _settings(served, body, images, limits, mask)
         try:
             return manager.submit(served.name, settings, output_format=body["output_format"], init_image=init_image,
-                                  ref_images=refs, preview=body["preview"])
+                                  ref_images=refs, mask=mask, preview=body["preview"])
         except QueueFull as e:
             raise ApiError(429, "the queue is full, retry later", "rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -314,7 +314,7 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
             manager.refuse(status)
         return _error(status, message, "invalid_request_error" if status < 500 else "server_error")
 
-    async def _edit_form(request: Request) -> tuple[dict[str, Any], list[Image.Image]]:
+    async def _edit_form(request: Request) -> tuple[dict[str, Any], list[Image.Image], Image.Image | None]:
         try:
             form = await request.form(max_files=limits.max_uploads + 1, max_fields=64)
         except HTTPException:
@@ -322,8 +322,10 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         except Exception as e:
             raise ApiError(400, f"unreadable multipart form: {str(e)[:200]}") from None
         uploads = [v for k, v in form.multi_items() if k in ("image", "image[]") and isinstance(v, StarletteUpload)]
-        if "mask" in form:
-            raise ApiError(400, "mask is not supported", param="mask")
+        mask_upload = form.get("mask")
+        if mask_upload is not None and not isinstance(mask_upload, StarletteUpload):
+            raise ApiError(400, "mask must be an image upload (PNG with alpha: transparent pixels are edited)",
+                           param="mask")
         if not uploads:
             raise ApiError(400, "give at least one image (image or image[])", param="image")
         if len(uploads) > limits.max_uploads:
@@ -338,19 +340,21 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
                 raise ApiError(422, str(e)) from None
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
-            return body, [await _read_image(u, limits) for u in uploads]
+            images = [await _read_image(u, limits) for u in uploads]
+            mask = await _read_image(mask_upload, limits, "RGBA") if mask_upload is not None else None
+            return body, images, mask
         finally:
             await form.close()
 
     return app
 
 
-async def _read_image(upload: StarletteUpload, limits: Limits) -> Image.Image:
+async def _read_image(upload: StarletteUpload, limits: Limits, mode: str = "RGB") -> Image.Image:
     data = await upload.read()
-    return await asyncio.to_thread(_decode_upload, data, upload.filename, limits)
+    return await asyncio.to_thread(_decode_upload, data, upload.filename, limits, mode)
 
 
-def _decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.Image:
+def _decode_upload(data: bytes, filename: str | None, limits: Limits, mode: str = "RGB") -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -359,7 +363,10 @@ def _decode_upload(data: bytes, filename: str | None, limits: Limits) -> Image.I
                 raise ApiError(413, f"image {filename}: {im.width}x{im.height} is over "
                                     f"{limits.max_upload_pixels} pixels", param="image")
             im.load()
-            return im.convert("RGB")
+            if mode == "RGBA" and "A" not in im.getbands() and "transparency" not in im.info:
+                raise ApiError(400, f"mask {filename}: no alpha channel (OpenAI's mask: transparent pixels are "
+                                    "edited)", param="mask")
+            return im.convert(mode)
     except ApiError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -396,10 +403,12 @@ def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[
         raise ApiError(400, f"{e} (or 'auto')", param="size") from None
 
 
-def _settings(served: Served, body: dict[str, Any], images: list[Image.Image],
-              limits: Limits) -> tuple[GenerationSettings, Image.Image | None, list[Image.Image]]:
+def _settings(served: Served, body: dict[str, Any], images: list[Image.Image], limits: Limits,
+              mask: Image.Image | None = None
+              ) -> tuple[GenerationSettings, Image.Image | None, list[Image.Image], Image.Image | None]:
     """The request from the body: OpenAI's fields and ours; the images as init image or references
-    (they are prepared, as every face's are, by the pipeline's staged loop)."""
+    (with a mask, the first is the init image to inpaint: OpenAI's mask, transparent pixels edited).
+    They are prepared, as every face's are, by the pipeline's staged loop."""
     for name in ("prompt", "negative_prompt"):
         if len(body.get(name) or "") > limits.max_prompt_chars:
             raise ApiError(413, f"{name} over {limits.max_prompt_chars} characters", param=name)
@@ -410,8 +419,14 @@ def _settings(served: Served, body: dict[str, Any], images: list[Image.Image],
     width, height = _size(body["size"], images, limits)
     init: Image.Image | None = None
     refs: list[Image.Image] = []
+    pil_mask = None
+    if mask is not None:
+        if mask.size != images[0].size:
+            raise ApiError(400, f"the mask is {mask.width}x{mask.height}, the image {images[0].width}x"
+                                f"{images[0].height}: they must be the same size", param="mask")
+        pil_mask = mask_from_alpha(mask)
     if images:
-        if served.pipe.family in _REF_FAMILIES and body.get("strength") is None:
+        if served.pipe.family in _REF_FAMILIES and body.get("strength") is None and mask is None:
             refs = images                   # FLUX.2: the images are references to edit from
         else:
             init = images[0]                # img2img
@@ -420,9 +435,9 @@ def _settings(served: Served, body: dict[str, Any], images: list[Image.Image],
         values.pop("strength", None)
     try:
         s = served.pipe.settings_for(body["prompt"], width=width, height=height, batch_count=body["n"], **values)
-        init, refs = prepare(s.width, s.height, init, refs)     # images the engine cannot take: refused now
+        init, refs, pil_mask = prepare(s.width, s.height, init, refs, s.auto_resize_ref_image, pil_mask)
     except (InvalidArgumentError, TypeError) as e:
         raise ApiError(400, str(e)) from None
     if s.width * s.height > limits.max_pixels:
         raise ApiError(400, f"{s.width}x{s.height} is over this server's {limits.max_pixels} pixels", param="size")
-    return s, init, refs
+    return s, init, refs, pil_mask

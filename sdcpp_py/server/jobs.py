@@ -58,6 +58,7 @@ class Job:
     output_format: str = "png"
     init_image: Image.Image | None = None
     ref_images: Sequence[Image.Image] = ()
+    mask: Image.Image | None = None
     preview: bool = False
     state: str = "queued"
     created: float = field(default_factory=time.time)
@@ -174,7 +175,7 @@ class Worker(threading.Thread):
         preview = Preview(lambda step, im: job.publish({"type": "preview", "image": job.image_index + 1,
                                                         "step": step, "png": _png_b64(im)})) if job.preview else None
         try:
-            items = pipe.images(job.settings, init_image=job.init_image, ref_images=job.ref_images,
+            items = pipe.images(job.settings, init_image=job.init_image, ref_images=job.ref_images, mask=job.mask,
                                 progress=on_step, preview=preview, cancel=job.cancel_token)
             for item in items:
                 data = encode_image(item.image, job.output_format)
