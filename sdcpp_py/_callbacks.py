@@ -42,8 +42,12 @@ def _on_log(level: int, text: CData, _data: CData) -> None:
         py_level = _LEVELS.get(level, logging.INFO)
         if py_level >= logging.ERROR and lib.sdcpp_cancel_requested():
             py_level = logging.INFO   # the failures a cancel causes on its way out are not errors
-        if native_logger.isEnabledFor(py_level):
-            native_logger.log(py_level, "%s", ffi.string(text).decode("utf-8", "replace").rstrip())
+        if native_logger.isEnabledFor(py_level) or _captures:
+            line = ffi.string(text).decode("utf-8", "replace").rstrip()
+            if native_logger.isEnabledFor(py_level):
+                native_logger.log(py_level, "%s", line)
+            for log in _captures:       # what a call reports (LoRAs applied, steps a cache skipped), any level
+                log.lines.append((py_level, line))
     except Exception:  # a log line must never unwind into C
         pass
 
@@ -188,11 +192,13 @@ def preview_scope(preview: Preview | None) -> Iterator[None]:
 
 
 class NativeLog(logging.Handler):
-    """Collects the engine's log lines while a native call runs."""
+    """Collects the engine's log lines while a native call runs: ``records`` as logged (the logger's
+    level applies), ``lines`` all of them, whatever the level."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.lines: list[tuple[int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
@@ -208,7 +214,12 @@ class capture:
     def __enter__(self) -> NativeLog:
         self.handler = NativeLog()
         logging.getLogger("sdcpp_py.native").addHandler(self.handler)
+        _captures.append(self.handler)
         return self.handler
 
     def __exit__(self, *exc: object) -> None:
         logging.getLogger("sdcpp_py.native").removeHandler(self.handler)
+        _captures.remove(self.handler)
+
+
+_captures: list[NativeLog] = []     # the captures open now (engine thread: one call at a time)

@@ -18,7 +18,7 @@ from ._ffi import ffi, lib, string
 from ._images import ImageLike, as_pil
 from ._lib_types import CStruct, ShimResult
 from .errors import Cancelled, GenerationError, InvalidArgumentError, SdcppError
-from .settings import ENGINE_FLAGS, ContextSettings, GenerationSettings
+from .settings import ENGINE_FLAGS, ContextSettings, GenerationSettings, cache_options
 
 PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
 Keep = list[Any]
@@ -60,6 +60,16 @@ def _set_skip_layers(p: CStruct, layers: Sequence[int], keep: Keep) -> None:
     p.sample_params.guidance.slg.layers, p.sample_params.guidance.slg.layer_count = keep[-1], len(layers)
 
 
+CACHE_MODE_IDS: dict[str, int] = {"easycache": 1, "ucache": 2, "dbcache": 3, "taylorseer": 4, "cache-dit": 5,
+                                  "spectrum": 6}        # sd_cache_mode_t
+
+
+def _set_cache_options(p: CStruct, text: str, keep: Keep) -> None:
+    mode = next(name for name, value in CACHE_MODE_IDS.items() if value == p.cache.mode)   # set before: in field order
+    for name, value in cache_options(mode, text).items():
+        setattr(p.cache, name, value)
+
+
 def _pair(x: str, y: str) -> Callable[[CStruct, Any, Keep], None]:
     def setter(p: CStruct, value: Sequence[float], keep: Keep) -> None:
         _at(x)(p, value[0], keep)
@@ -86,6 +96,9 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
     "vae_tile_overlap": _at("vae_tiling_params.target_overlap"),
     "vae_relative_tile_size": _pair("vae_tiling_params.rel_size_x", "vae_tiling_params.rel_size_y"),
     "auto_resize_ref_image": _at("auto_resize_ref_image"),
+    "cache_mode": _at("cache.mode", lambda mode, _: CACHE_MODE_IDS[mode]), "cache_options": _set_cache_options,
+    "scm_mask": _at("cache.scm_mask", _text),
+    "scm_policy": _at("cache.scm_policy_dynamic", lambda v, _: v == "dynamic"),
 }
 
 

@@ -9,7 +9,6 @@ the same methods from a worker process.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -98,7 +97,7 @@ class Engine(Owner):
         start = time.perf_counter()
         with capture() as log, progress_scope(progress) as state, preview_scope(preview):
             rc = fn(self._ptr(), *args)
-        refused = _lora_refusal(log.records)
+        refused = _lora_refusal(log.lines)
         if state.error is not None or refused is not None:
             if rc == 0 and cleanup is not None:
                 cleanup()
@@ -243,10 +242,10 @@ class Engine(Owner):
                  ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None, *,
                  progress: ProgressFn | None = None,
                  preview: Preview | None = None,
-                 token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str]]:
-        """Upstream's generate_image: the request's images, the seconds it took and the buffers
-        of the weights after it (``all_buffers``, in the same hold)."""
-        def generate(ctx: SdCtx) -> tuple[list[Image.Image], float, dict[str, str]]:
+                 token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str], dict[str, int]]:
+        """Upstream's generate_image: the request's images, the seconds it took, the buffers of the
+        weights after it (``all_buffers``, in the same hold) and what a step cache skipped."""
+        def generate(ctx: SdCtx) -> tuple[list[Image.Image], float, dict[str, str], dict[str, int]]:
             self._ensure(ctx, ENCODER)
             self._ensure(ctx, DIFFUSION)
             params, keep = image_params(s, init_image=init_image, ref_images=ref_images, mask=mask)
@@ -263,9 +262,10 @@ class Engine(Owner):
                 except GenerationError as e:
                     raise GenerationError(f"{e}" + (f":\n{log.errors()}" if log.errors() else "")) from None
                 finally:
-                            self._after_encoding(ctx)
+                    self._after_encoding(ctx)
             try:
-                return [to_pil(out[0][i]) for i in range(s.batch_count)], seconds, self._buffers(ctx)
+                return ([to_pil(out[0][i]) for i in range(s.batch_count)], seconds, self._buffers(ctx),
+                        cache_report(log.lines))
             finally:
                 free()
         return self.run(generate, token=token)
@@ -281,7 +281,7 @@ class Engine(Owner):
                 seconds = self._native(lib.sdcpp_encode, params, with_negative, out,
                                        cleanup=lambda: lib.sdcpp_result_free(out[0]))
             finally:
-                    self._after_encoding(ctx)
+                self._after_encoding(ctx)
             return read_result(out[0]), seconds
         return self.run(encode, token=token)
 
@@ -289,22 +289,23 @@ class Engine(Owner):
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
                 mask: Image.Image | None = None, *,
                 progress: ProgressFn | None = None, preview: Preview | None = None,
-                token: CancelToken | None = None) -> tuple[np.ndarray, float]:
-        """Conditioning (+ init latent, + noise) to one latent, and the seconds."""
-        def denoise(ctx: SdCtx) -> tuple[np.ndarray, float]:
+                token: CancelToken | None = None) -> tuple[np.ndarray, float, dict[str, int]]:
+        """Conditioning (+ init latent, + noise) to one latent, the seconds and what a step cache skipped."""
+        def denoise(ctx: SdCtx) -> tuple[np.ndarray, float, dict[str, int]]:
             self._ensure(ctx, DIFFUSION)
             params, keep = image_params(s, ref_images=ref_images, mask=mask)
             cond = TensorViews(condition)
             init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
             noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
             out = ffi.new("sdcpp_result_t**")
-            seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
-                                   init.first if init else ffi.NULL,
-                                   noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
-                                   progress=progress, preview=preview,
-                                   cleanup=lambda: lib.sdcpp_result_free(out[0]))
+            with capture() as log:
+                seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
+                                       init.first if init else ffi.NULL,
+                                       noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
+                                       progress=progress, preview=preview,
+                                       cleanup=lambda: lib.sdcpp_result_free(out[0]))
             (_, data), = read_result(out[0])
-            return data, seconds
+            return data, seconds, cache_report(log.lines)
         return self.run(denoise, token=token)
 
     def decode(self, s: GenerationSettings, latent: np.ndarray, *, token: CancelToken | None = None) -> Image.Image:
@@ -338,16 +339,31 @@ _LORA_PART = re.compile(r"Only \((\d+) / (\d+)\) LoRA tensors have been applied,
 _LORA_FAILED = re.compile(r"load lora tensors from (.*) failed")
 
 
-def _lora_refusal(records: list[logging.LogRecord]) -> str | None:
+def _lora_refusal(lines: list[tuple[int, str]]) -> str | None:
     """The engine's word that a LoRA applied in part, or not at all: refused, never half-applied."""
-    for record in records:
-        text = record.getMessage()
+    for _, text in lines:
         if m := _LORA_PART.search(text):
             return (f"{Path(m[3].strip()).name}: the engine reads {m[1]} of its {m[2]} LoRA tensors (a layout, or a "
                     "model, it matches only in part); refused rather than applied in part")
         if m := _LORA_FAILED.search(text):
             return f"{Path(m[1].strip()).name}: the engine could not read it as a LoRA"
     return None
+
+
+_CACHE_SKIPPED = re.compile(r"(EasyCache|UCache|CacheDIT|Spectrum) skipped (\d+)/(\d+) steps")
+_CACHE_RAN = re.compile(r"(EasyCache|UCache|CacheDIT|Spectrum) completed without skipping steps")
+
+
+def cache_report(lines: list[tuple[int, str]]) -> dict[str, int]:
+    """The steps a step cache skipped in a call ({} when none ran): ``skipped`` of ``steps``."""
+    out: dict[str, int] = {}
+    for _, text in lines:
+        if m := _CACHE_SKIPPED.search(text):
+            out["skipped"] = out.get("skipped", 0) + int(m[2])
+            out["steps"] = out.get("steps", 0) + int(m[3])
+        elif _CACHE_RAN.search(text):
+            out.setdefault("skipped", 0)
+    return out
 
 
 def convert(src: Path, vae: Path | None, out: Path, *, wtype: str | None, rules: str, convert_name: bool,

@@ -440,7 +440,7 @@ class IsolatedEngine:
 
     def generate(self, s: GenerationSettings, init_image: ImageLike | None = None,
                  ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None,
-                 **kwargs: Any) -> tuple[list[Image.Image], float, dict[str, str]]:
+                 **kwargs: Any) -> tuple[list[Image.Image], float, dict[str, str], dict[str, int]]:
         return _reply_as(tuple, self._call("generate", s, init_image, list(ref_images), mask, **kwargs))
 
     def encode(self, s: GenerationSettings, with_negative: bool, **kwargs: Any) -> tuple[Parts, float]:
@@ -448,7 +448,7 @@ class IsolatedEngine:
 
     def denoise(self, s: GenerationSettings, condition: Parts, init_latent: np.ndarray | None = None,
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
-                mask: Image.Image | None = None, **kwargs: Any) -> tuple[np.ndarray, float]:
+                mask: Image.Image | None = None, **kwargs: Any) -> tuple[np.ndarray, float, dict[str, int]]:
         return _reply_as(tuple, self._call("denoise", s, condition, init_latent, noise, list(ref_images), mask,
                                            **kwargs))
 

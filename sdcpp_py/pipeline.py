@@ -283,6 +283,9 @@ class Pipeline:
         """The sampler and scheduler the engine picks for this model filled in (asked once per
         sampler: later calls need no engine call, so they never wait behind a running one); the
         LoRAs checked, as absolute paths, those of multiplier 0 (which change nothing) left out."""
+        if s.cache_mode == "ucache":
+            raise InvalidArgumentError("the ucache step cache is for UNet models; these are DiTs (easycache, dbcache, "
+                                       "taylorseer, cache-dit or spectrum)")
         if s.slg_scale and self.family == Z_IMAGE:
             raise InvalidArgumentError("skip-layer guidance: the engine's Z-Image DiT skips no layers, so it would "
                                        "change nothing (FLUX.2 Klein has it)")
@@ -338,10 +341,13 @@ class Pipeline:
                                                              mask=mask, progress=progress, preview=preview)]
                 buffers = {} if self.closed else self.engine.all_buffers()   # closed by another thread since
                 seconds = time.perf_counter() - start
+                skipped = {}
             else:
-                images, seconds, buffers = self.engine.generate(s, init_pil, ref_images, pil_mask,
-                                                                progress=progress, preview=preview, token=cancel)
-        return GenerationResult(images, s, s.seeds(), {"generate_s": seconds}, self._weights(buffers))
+                images, seconds, buffers, cache = self.engine.generate(s, init_pil, ref_images, pil_mask,
+                                                                       progress=progress, preview=preview,
+                                                                       token=cancel)
+                skipped = {"cache_skipped_steps": float(cache["skipped"])} if "skipped" in cache else {}
+        return GenerationResult(images, s, s.seeds(), {"generate_s": seconds, **skipped}, self._weights(buffers))
 
     # -- staged generation -------------------------------------------------------------------
     def images(self, s: GenerationSettings, *, seeds: Sequence[int] | None = None,
@@ -370,6 +376,8 @@ class Pipeline:
             image = self._decode(latent, s, cancel)
             timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
                        "decode_s": time.perf_counter() - t0}
+            if "skipped" in latent.info["cache"]:
+                timings["cache_skipped_steps"] = float(latent.info["cache"]["skipped"])
             yield ImageItem(image, one, latent, timings)
 
     def sweep(self, prompt: str, *, negative_prompt: str = "", seeds: Sequence[int | None] = (None,),
@@ -452,11 +460,11 @@ class Pipeline:
                 raise TypeError("noise must be a float array")
             if not np.isfinite(noise).all():
                 raise InvalidArgumentError("noise holds NaN or infinite values")
-        data, seconds = self.engine.denoise(s, list(conditioning.parts.items()),
+        data, seconds, cache = self.engine.denoise(s, list(conditioning.parts.items()),
                                             init_latent.data if init_latent is not None else None, noise,
                                             list(ref_images), mask, progress=progress, preview=preview, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
-                      {"settings": s, "denoise_s": seconds})
+                      {"settings": s, "denoise_s": seconds, "cache": cache})
 
     @overload
     def decode(self, latent: Latent, *, output_type: Literal["pil"] = ..., cancel: CancelToken | None = None,

@@ -265,6 +265,10 @@ class GenerationSettings:
     vae_tile_overlap: float | None = None                  # their overlap, a fraction of a tile
     vae_relative_tile_size: tuple[float, float] | None = None   # or tiles as a fraction of the latent
     auto_resize_ref_image: bool = True   # fit references to the image (sd-cli's default); else as given
+    cache_mode: str | None = None        # a step cache: easycache, dbcache, taylorseer, cache-dit, spectrum
+    cache_options: str | None = None     # sd-cli's --cache-option "key=value,..." for that mode
+    scm_mask: str | None = None          # cache-dit's steps mask "1,1,0,..." (1: compute, 0: may cache)
+    scm_policy: str = "dynamic"          # or "static"
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -312,6 +316,12 @@ class GenerationSettings:
                 raise InvalidArgumentError(f"{name} is (width, height)")
         if not isinstance(self.auto_resize_ref_image, bool):
             raise TypeError("auto_resize_ref_image must be a bool")
+        object.__setattr__(self, "cache_mode", _choice("cache mode", self.cache_mode, CACHE_MODES))
+        object.__setattr__(self, "scm_policy", _choice("scm_policy", self.scm_policy, ("dynamic", "static")))
+        if self.cache_options is not None:
+            cache_options(self.cache_mode, self.cache_options)
+        if self.scm_mask is not None and not re.fullmatch(r"[01](,[01])*", str(self.scm_mask)):
+            raise InvalidArgumentError(f"scm_mask is comma-separated 0 and 1 (1: compute), not {self.scm_mask!r}")
         if self.sigmas is not None:
             if isinstance(self.sigmas, (str, bytes)) or not hasattr(self.sigmas, "__len__"):
                 raise TypeError("sigmas must be a sequence of numbers")
@@ -357,6 +367,53 @@ def _is_number(text: str) -> bool:
         return math.isfinite(float(text))
     except ValueError:
         return False
+
+
+CACHE_MODES = ("easycache", "ucache", "dbcache", "taylorseer", "cache-dit", "spectrum")
+# sd-cli's --cache-option keys per mode: the sd_cache_params_t field each sets, and its type
+_CACHE_KEYS: dict[str, tuple[str, type]] = {
+    "start": ("start_percent", float), "end": ("end_percent", float), "decay": ("error_decay_rate", float),
+    "relative": ("use_relative_threshold", bool), "reset": ("reset_error_on_compute", bool),
+    "Fn": ("Fn_compute_blocks", int), "Bn": ("Bn_compute_blocks", int), "w": ("spectrum_w", float),
+    "m": ("spectrum_m", int), "lam": ("spectrum_lam", float), "window": ("spectrum_window_size", int),
+    "flex": ("spectrum_flex_window", float), "stop": ("spectrum_stop_percent", float)}
+_CACHE_MODE_KEYS = {"easycache": ("threshold", "start", "end", "decay", "relative", "reset"),
+                    "dbcache": ("Fn", "Bn", "threshold", "warmup"),
+                    "spectrum": ("w", "m", "lam", "window", "flex", "warmup", "stop")}
+_CACHE_MODE_KEYS.update({"ucache": _CACHE_MODE_KEYS["easycache"], "taylorseer": _CACHE_MODE_KEYS["dbcache"],
+                         "cache-dit": _CACHE_MODE_KEYS["dbcache"]})
+
+
+def cache_options(mode: str | None, text: str) -> dict[str, float | int | bool]:
+    """sd-cli's --cache-option text as sd_cache_params_t fields (threshold and warmup mean a field of
+    the mode's own), checked: keys the mode takes, numbers."""
+    if mode is None:
+        raise InvalidArgumentError("cache_options need a cache_mode")
+    if not isinstance(text, str):
+        raise TypeError("cache_options is sd-cli's 'key=value,...' text")
+    out: dict[str, float | int | bool] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = {"fn": "Fn", "bn": "Bn"}.get(key, key)
+        if not sep or key not in _CACHE_MODE_KEYS[mode]:
+            raise InvalidArgumentError(f"cache option {item!r}: {mode} takes {', '.join(_CACHE_MODE_KEYS[mode])} "
+                                       "(key=value)")
+        kind: type
+        if key == "threshold":
+            field_name, kind = ("reuse_threshold" if mode in ("easycache", "ucache") else "residual_diff_threshold",
+                                float)
+        elif key == "warmup":
+            field_name, kind = ("spectrum_warmup_steps" if mode == "spectrum" else "max_warmup_steps", int)
+        else:
+            field_name, kind = _CACHE_KEYS[key]
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidArgumentError(f"cache option {key}: not a number: {value!r}") from None
+        if not math.isfinite(number) or abs(number) > 1e6 or (kind is int and not number.is_integer()):
+            raise InvalidArgumentError(f"cache option {key}: {value!r} is out of range")
+        out[field_name] = number != 0.0 if kind is bool else int(number) if kind is int else number
+    return out
 
 
 # The request class every face builds through (a test may put a subclass with one more field here).

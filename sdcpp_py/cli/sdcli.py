@@ -47,8 +47,7 @@ REFUSED: dict[str, str] = {
     **dict.fromkeys(("--max-vram", "--hires-upscalers-dir", "--upscale-model", "--hires-upscaler",
                      "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
                      "--hires-upscale-tile-size", "--hires-scale", "--hires-denoising-strength", "--hires",
-                     "--cache-mode", "--cache-option", "--scm-mask", "--scm-policy", "--metadata-raw",
-                     "--metadata-brief", "--metadata-all"), _NOT_YET),
+                     "--metadata-raw", "--metadata-brief", "--metadata-all"), _NOT_YET),
 }
 UNSUPPORTED = tuple(REFUSED)
 MODES = ("img_gen", "convert", "metadata")
@@ -162,6 +161,14 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     gen.add_argument("--vae-relative-tile-size", help="VAE tile size as a fraction of the latent, WxH")
     gen.add_argument("--disable-auto-resize-ref-image", dest="auto_resize_ref_image", action="store_false",
                      default=None, help="use reference images at their own size (sides: multiples of 16)")
+    gen.add_argument("--cache-mode", choices=("easycache", "ucache", "dbcache", "taylorseer", "cache-dit", "spectrum"),
+                     help="step cache: easycache, dbcache/taylorseer/cache-dit (DiT blocks), spectrum")
+    gen.add_argument("--cache-option", dest="cache_options",
+                     help='the cache\'s options, "key=value,..." (easycache: threshold, start, end, decay, relative, '
+                          "reset; dbcache/taylorseer/cache-dit: Fn, Bn, threshold, warmup; spectrum: w, m, lam, "
+                          "window, flex, warmup, stop)")
+    gen.add_argument("--scm-mask", help='cache-dit steps mask, "1,1,0,..." (1: compute, 0: may cache)')
+    gen.add_argument("--scm-policy", choices=("dynamic", "static"), help="SCM policy (default dynamic)")
     gen.add_argument("-r", "--ref-image", action="append", default=[],
                      help="reference image (FLUX.2 editing; can be used multiple times)")
 
