@@ -82,6 +82,10 @@ class _Call:
         self.error: BaseException | None = None
 
 
+# The engine parses a prompt's attention syntax with std::regex, which recurses per character of a
+# run without brackets: a 1.5 KB prompt took 8 MB (78,500 frames) in one test session and
+# overflowed the default stack (SIGSEGV). Address space only: pages are touched as deep as a call goes.
+ENGINE_STACK_BYTES = 512 << 20
 _STOP = object()
 _POLL_S = 0.05           # how often a waiting caller looks at its cancel token
 
@@ -209,8 +213,12 @@ class EngineThread:
     # -- the thread ------------------------------------------------------------------------
     def _start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="sdcpp-engine", daemon=True)
-            self._thread.start()
+            previous = threading.stack_size(ENGINE_STACK_BYTES)
+            try:
+                self._thread = threading.Thread(target=self._loop, name="sdcpp-engine", daemon=True)
+                self._thread.start()
+            finally:
+                threading.stack_size(previous)
 
     def _loop(self) -> None:
         while True:

@@ -18,7 +18,7 @@ from ._ffi import ffi, lib, string
 from ._images import ImageLike, as_pil
 from ._lib_types import CStruct, ShimResult
 from .errors import Cancelled, GenerationError, InvalidArgumentError, SdcppError
-from .settings import ENGINE_FLAGS, ContextSettings, GenerationSettings, cache_options
+from .settings import ENGINE_FLAGS, ESRGAN_SUFFIXES, ContextSettings, GenerationSettings, cache_options
 
 PartKey = tuple[int, str, int]  # (role: 0 positive / 1 negative, part name, index)
 Keep = list[Any]
@@ -70,6 +70,13 @@ def _set_cache_options(p: CStruct, text: str, keep: Keep) -> None:
         setattr(p.cache, name, value)
 
 
+def _set_hires_upscaler(p: CStruct, name: str, keep: Keep) -> None:
+    if name.lower().endswith(ESRGAN_SUFFIXES):           # a model file: the engine's "Model" upscaler
+        p.hires.upscaler, p.hires.model_path = lib.str_to_sd_hires_upscaler(b"Model"), _text(name, keep)
+    else:
+        p.hires.upscaler = lib.str_to_sd_hires_upscaler(name.encode())
+
+
 def _pair(x: str, y: str) -> Callable[[CStruct, Any, Keep], None]:
     def setter(p: CStruct, value: Sequence[float], keep: Keep) -> None:
         _at(x)(p, value[0], keep)
@@ -99,6 +106,10 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
     "cache_mode": _at("cache.mode", lambda mode, _: CACHE_MODE_IDS[mode]), "cache_options": _set_cache_options,
     "scm_mask": _at("cache.scm_mask", _text),
     "scm_policy": _at("cache.scm_policy_dynamic", lambda v, _: v == "dynamic"),
+    "hires": _at("hires.enabled"), "hires_upscaler": _set_hires_upscaler, "hires_scale": _at("hires.scale"),
+    "hires_width": _at("hires.target_width"), "hires_height": _at("hires.target_height"),
+    "hires_steps": _at("hires.steps"), "hires_denoising_strength": _at("hires.denoising_strength"),
+    "hires_upscale_tile_size": _at("hires.upscale_tile_size"),
 }
 
 

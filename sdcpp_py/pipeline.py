@@ -38,10 +38,20 @@ from .errors import ClosedError, IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
 from .fileid import identity, stamp
 from .isolated import IsolatedEngine
+from .modelfile import inspect
 from .modelset import ModelSet
 from .presets import Preset, get_preset, preset_for_family
 from .residency import COMPONENT_FILE, COMPONENT_NAME, DIFFUSION, ENCODER, SHARED_SETTINGS
-from .settings import ContextSettings, GenerationSettings, Preview, ProgressFn, request, request_fields, resolve_seed
+from .settings import (
+    ESRGAN_SUFFIXES,
+    ContextSettings,
+    GenerationSettings,
+    Preview,
+    ProgressFn,
+    request,
+    request_fields,
+    resolve_seed,
+)
 from .staged import Conditioning, GenerationResult, ImageItem, Latent, SweepResult
 from .weights import WeightPlan, parse_buffers, plan_weights
 
@@ -289,6 +299,10 @@ class Pipeline:
         if s.slg_scale and self.family == Z_IMAGE:
             raise InvalidArgumentError("skip-layer guidance: the engine's Z-Image DiT skips no layers, so it would "
                                        "change nothing (FLUX.2 Klein has it)")
+        if s.hires and s.hires_upscaler.lower().endswith(ESRGAN_SUFFIXES):
+            model = Path(s.hires_upscaler).expanduser().resolve()
+            inspect(model)                                   # missing or not a model file: a clear error now
+            s = dataclasses.replace(s, hires_upscaler=str(model))
         loras = tuple((str(self._lora(path).path), m) for path, m in s.loras if m != 0.0)
         if loras != s.loras:
             s = dataclasses.replace(s, loras=loras)
@@ -346,7 +360,7 @@ class Pipeline:
                 images, seconds, buffers, cache = self.engine.generate(s, init_pil, ref_images, pil_mask,
                                                                        progress=progress, preview=preview,
                                                                        token=cancel)
-                skipped = {"cache_skipped_steps": float(cache["skipped"])} if "skipped" in cache else {}
+                skipped = _skipped(cache)
         return GenerationResult(images, s, s.seeds(), {"generate_s": seconds, **skipped}, self._weights(buffers))
 
     # -- staged generation -------------------------------------------------------------------
@@ -366,6 +380,14 @@ class Pipeline:
         start = time.perf_counter()
         cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, loras=s.loras, cancel=cancel)
         encode_s = time.perf_counter() - start
+        if s.hires:      # the second pass runs inside generate_image: one call per image
+            for seed in seeds:
+                t0 = time.perf_counter()
+                images, seconds, _, cache = self.engine.generate(s.one(seed), init_pil, refs, pil_mask,
+                                                                 progress=progress, preview=preview, token=cancel)
+                yield ImageItem(images[0], s.one(seed), None, {"encode_s": 0.0, "denoise_s": seconds,
+                                                               "decode_s": 0.0, **_skipped(cache)})
+            return
         init = None if init_pil is None else self.encode_image(init_pil, seed=seeds[0], width=s.width,
                                                                height=s.height, cancel=cancel)
         for i, seed in enumerate(seeds):
@@ -376,8 +398,7 @@ class Pipeline:
             image = self._decode(latent, s, cancel)
             timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
                        "decode_s": time.perf_counter() - t0}
-            if "skipped" in latent.info["cache"]:
-                timings["cache_skipped_steps"] = float(latent.info["cache"]["skipped"])
+            timings.update(_skipped(latent.info["cache"]))
             yield ImageItem(image, one, latent, timings)
 
     def sweep(self, prompt: str, *, negative_prompt: str = "", seeds: Sequence[int | None] = (None,),
@@ -515,6 +536,11 @@ class Pipeline:
         state = "closed" if self.closed else "open"
         where = ", isolated" if self.engine.isolated else ""
         return f"<Pipeline {self.family} {state}{where} device={self.device} threads={self.settings.n_threads}>"
+
+
+def _skipped(cache: dict[str, int]) -> dict[str, float]:
+    """A step cache's report as a result's timing (none when no cache ran)."""
+    return {"cache_skipped_steps": float(cache["skipped"])} if "skipped" in cache else {}
 
 
 def _path(p: PathLike | None) -> Path | None:

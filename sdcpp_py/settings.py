@@ -269,6 +269,14 @@ class GenerationSettings:
     cache_options: str | None = None     # sd-cli's --cache-option "key=value,..." for that mode
     scm_mask: str | None = None          # cache-dit's steps mask "1,1,0,..." (1: compute, 0: may cache)
     scm_policy: str = "dynamic"          # or "static"
+    hires: bool = False                  # hires fix: a second pass at a larger size
+    hires_upscaler: str = "Latent"       # one of HIRES_UPSCALERS, or an ESRGAN file (.pth/.safetensors/.gguf)
+    hires_scale: float = 2.0             # the second pass's size: the first's times this ...
+    hires_width: int = 0                 # ... unless a target is given (one side: square)
+    hires_height: int = 0
+    hires_steps: int = 0                 # 0: the request's steps
+    hires_denoising_strength: float = 0.7
+    hires_upscale_tile_size: int = 128   # an ESRGAN upscaler's tiles
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
@@ -316,6 +324,7 @@ class GenerationSettings:
                 raise InvalidArgumentError(f"{name} is (width, height)")
         if not isinstance(self.auto_resize_ref_image, bool):
             raise TypeError("auto_resize_ref_image must be a bool")
+        self._check_hires()
         object.__setattr__(self, "cache_mode", _choice("cache mode", self.cache_mode, CACHE_MODES))
         object.__setattr__(self, "scm_policy", _choice("scm_policy", self.scm_policy, ("dynamic", "static")))
         if self.cache_options is not None:
@@ -332,6 +341,37 @@ class GenerationSettings:
                 raise InvalidArgumentError("sigmas must not increase")
             object.__setattr__(self, "sigmas", sig)
             object.__setattr__(self, "steps", len(sig) - 1)
+
+    def _check_hires(self) -> None:
+        if not isinstance(self.hires, bool):
+            raise TypeError("hires must be a bool")
+        if not isinstance(self.hires_upscaler, str) or not self.hires_upscaler:
+            raise TypeError("hires_upscaler must be an upscaler's name or an ESRGAN file")
+        if not self.hires_upscaler.lower().endswith(ESRGAN_SUFFIXES):
+            object.__setattr__(self, "hires_upscaler", _choice("hires upscaler", self.hires_upscaler, HIRES_UPSCALERS))
+        object.__setattr__(self, "hires_scale", _float("hires_scale", self.hires_scale, 0.1, 8.0))
+        object.__setattr__(self, "hires_denoising_strength",
+                           _float("hires_denoising_strength", self.hires_denoising_strength, 1e-4, 1.0))
+        _int("hires_steps", self.hires_steps, 0, MAX_STEPS)
+        _int("hires_upscale_tile_size", self.hires_upscale_tile_size, 16, 4096)
+        for name in ("hires_width", "hires_height"):
+            if _int(name, getattr(self, name), 0, MAX_SIDE) % 16:
+                raise InvalidArgumentError(f"{name} must be a multiple of 16 (or 0), got {getattr(self, name)}")
+        if self.hires:
+            w, h = self.output_size
+            if w * h > MAX_PIXELS or max(w, h) > MAX_SIDE:
+                raise InvalidArgumentError(f"the hires pass's {w}x{h} is over {MAX_SIDE} per side or {MAX_PIXELS} "
+                                           "pixels")
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The images' size: the request's, or the hires pass's (as the engine aligns it, to 16)."""
+        if not self.hires:
+            return self.width, self.height
+        w, h = self.hires_width or self.hires_height, self.hires_height or self.hires_width
+        if not w:
+            w, h = round(self.width * self.hires_scale), round(self.height * self.hires_scale)
+        return max(16, w // 16 * 16), max(16, h // 16 * 16)
 
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.batch_count)]
@@ -369,6 +409,9 @@ def _is_number(text: str) -> bool:
         return False
 
 
+HIRES_UPSCALERS = ("None", "Latent", "Latent (nearest)", "Latent (nearest-exact)", "Latent (antialiased)",
+                   "Latent (bicubic)", "Latent (bicubic antialiased)", "Lanczos", "Nearest", "Model")
+ESRGAN_SUFFIXES = (".pth", ".pt", ".safetensors", ".gguf")
 CACHE_MODES = ("easycache", "ucache", "dbcache", "taylorseer", "cache-dit", "spectrum")
 # sd-cli's --cache-option keys per mode: the sd_cache_params_t field each sets, and its type
 _CACHE_KEYS: dict[str, tuple[str, type]] = {

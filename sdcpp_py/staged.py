@@ -130,7 +130,7 @@ class ImageItem:
 
     image: Image.Image
     settings: GenerationSettings
-    latent: Latent
+    latent: Latent | None                 # None: a hires image (the engine's two passes in one call)
     timings: dict[str, float]
 
     @property

@@ -90,3 +90,11 @@ def test_name_lists_are_the_librarys():
     engine_types = names(lib.SD_TYPE_COUNT, lib.sd_type_name)
     assert settings.WEIGHT_TYPES == tuple(n for n in engine_types if n in settings.WEIGHT_TYPES)
     assert len(settings.WEIGHT_TYPES) == 13
+
+
+def test_hires_upscaler_names_are_the_librarys():
+    from sdcpp_py import settings
+    from sdcpp_py._ffi import string
+
+    names = tuple(string(lib.sd_hires_upscaler_name(i)) for i in range(lib.SD_HIRES_UPSCALER_COUNT))
+    assert settings.HIRES_UPSCALERS == names

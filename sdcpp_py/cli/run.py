@@ -34,6 +34,7 @@ from .sdcli import (
     CliError,
     context_settings,
     extract_loras,
+    hires_upscaler,
     model_files,
     request_flags,
 )
@@ -75,6 +76,8 @@ def _jobs(args: argparse.Namespace, stored: ImageParameters | None) -> list[Job]
     # the flags' request fields, the stored image's settings filling what they leave unset
     stored_settings = {k: v for k, v in stored.settings.to_dict().items() if k not in PER_JOB} if stored else {}
     base = {**parse_request(stored_settings), **request_flags(args)}
+    if "hires_upscaler" in base:
+        base["hires_upscaler"] = hires_upscaler(base["hires_upscaler"], args.hires_upscalers_dir)
     jobs = make_jobs(lines, seeds, negative, args.init_img, list(args.ref_image), args.mask)
     for job in jobs:
         job.overrides = {**base, **job.overrides}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..modelset import MODEL_FILES
-from ..settings import parse_request, request_fields
+from ..settings import ESRGAN_SUFFIXES, HIRES_UPSCALERS, parse_request, request_fields
 
 SD_CLI_DEFAULT_SEED = 42
 
@@ -44,10 +44,8 @@ REFUSED: dict[str, str] = {
                      "--qwen-image-zero-cond-t", "--prediction"), _SD_ONLY),
     "--timestep-shift": "a shifted timestep is SDXL-only in this engine (it is reset to 0 for flow models)",
     "--increase-ref-index": "FLUX.2 gives each reference its own index already; Z-Image takes no references",
-    **dict.fromkeys(("--max-vram", "--hires-upscalers-dir", "--upscale-model", "--hires-upscaler",
-                     "--upscale-repeats", "--upscale-tile-size", "--hires-width", "--hires-height", "--hires-steps",
-                     "--hires-upscale-tile-size", "--hires-scale", "--hires-denoising-strength", "--hires",
-                     "--metadata-raw", "--metadata-brief", "--metadata-all"), _NOT_YET),
+    **dict.fromkeys(("--max-vram", "--upscale-model", "--upscale-repeats", "--upscale-tile-size", "--metadata-raw",
+                     "--metadata-brief", "--metadata-all"), _NOT_YET),
 }
 UNSUPPORTED = tuple(REFUSED)
 MODES = ("img_gen", "convert", "metadata")
@@ -115,6 +113,7 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     ctx.add_argument("--circulary", action="store_true", help="seamless across the top/bottom edges")
     ctx.add_argument("--lora-model-dir", type=Path,
                      help="folder of the LoRA files a prompt's <lora:NAME:WEIGHT> names (default: .)")
+    ctx.add_argument("--hires-upscalers-dir", type=Path, help="folder of the ESRGAN files --hires-upscaler names")
     ctx.add_argument("--lora-apply-mode", choices=("auto", "immediately", "at_runtime"),
                      help="auto (here: at_runtime, the base weights untouched) | at_runtime | immediately "
                           "(merged into the weights; needs --repack none)")
@@ -169,6 +168,16 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                           "window, flex, warmup, stop)")
     gen.add_argument("--scm-mask", help='cache-dit steps mask, "1,1,0,..." (1: compute, 0: may cache)')
     gen.add_argument("--scm-policy", choices=("dynamic", "static"), help="SCM policy (default dynamic)")
+    gen.add_argument("--hires", action="store_true", default=None, help="hires fix: a second pass at a larger size")
+    gen.add_argument("--hires-upscaler", help="Latent (default), Latent (nearest|nearest-exact|antialiased|bicubic|"
+                                              "bicubic antialiased), Lanczos, Nearest, or an ESRGAN model's name in "
+                                              "--hires-upscalers-dir")
+    gen.add_argument("--hires-scale", type=float, help="the second pass's size factor (default 2)")
+    gen.add_argument("--hires-width", type=int, help="the second pass's width (0: --hires-scale)")
+    gen.add_argument("--hires-height", type=int, help="the second pass's height (0: --hires-scale)")
+    gen.add_argument("--hires-steps", type=int, help="the second pass's steps (0: --steps)")
+    gen.add_argument("--hires-denoising-strength", type=float, help="the second pass's strength (default 0.7)")
+    gen.add_argument("--hires-upscale-tile-size", type=int, help="an ESRGAN upscaler's tile size (default 128)")
     gen.add_argument("-r", "--ref-image", action="append", default=[],
                      help="reference image (FLUX.2 editing; can be used multiple times)")
 
@@ -274,6 +283,18 @@ def extract_loras(prompt: str, folder: Path | None) -> tuple[str, list[tuple[str
         except ValueError:
             raise CliError(f"<lora:{name}:{weight}>: the weight is not a number") from None
     return LORA_TAG.sub("", prompt), loras
+
+
+def hires_upscaler(name: str, folder: Path | None) -> str:
+    """An upscaler's name as the engine knows it, or an ESRGAN file found in ``folder`` (sd-cli's rule)."""
+    if name.lower() in (n.lower() for n in HIRES_UPSCALERS) or name.lower().endswith(ESRGAN_SUFFIXES):
+        return name
+    base = (folder or Path(".")) / name
+    found = next((p for p in (base.with_name(base.name + s) for s in ESRGAN_SUFFIXES) if p.is_file()), None)
+    if found is None:
+        raise CliError(f"--hires-upscaler {name}: neither an upscaler ({', '.join(HIRES_UPSCALERS)}) nor a model "
+                       f"in {folder or '.'} (--hires-upscalers-dir)")
+    return str(found.resolve())
 
 
 def print_error(message: str) -> int:
