@@ -146,9 +146,10 @@ class Engine(Owner):
 
     def close(self) -> None:
         """Free the context once the calls queued before have run (their callers wait for them)."""
-        handle, self.tokenizer = self.handle, None
+        handle = self.handle
         if handle is not None and handle.ptr is not None:
-            self.thread.run(lambda: handle.free())
+            self.thread.run(lambda: handle.free())      # refused inside a progress callback: nothing changes
+        self.tokenizer = None
 
     def close_later(self) -> None:
         """Free the context on the engine thread without waiting (finalizers: any thread, no lock)."""

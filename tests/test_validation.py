@@ -135,6 +135,7 @@ def test_progress_callback_cannot_reenter_or_close(pipe):
         with pytest.raises(ReentrantCallError):
             pipe.generate(PROMPT, **SMALL, progress=callback)
     assert not pipe.closed and pipe.diffusion_loaded
+    assert pipe.engine.count_tokens("a refused close keeps the tokenizer") == 6
     _still_works(pipe)
 
 
