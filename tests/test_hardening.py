@@ -79,6 +79,7 @@ def _openai_error(r) -> dict:
     {"prompt": "x", "size": "64x64", "cfg_scale": float("inf")},
     {"prompt": ["x"], "size": "64x64"},
     {"prompt": "x", "n": 0},
+    {"prompt": "x", "size": "256x256", "hires": True, "hires_scale": 4.0},   # the hires pass is over max_pixels
 ])
 def test_bad_bodies_are_4xx(client, body, caplog):
     with caplog.at_level(logging.ERROR):

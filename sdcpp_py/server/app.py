@@ -438,6 +438,7 @@ def _settings(served: Served, body: dict[str, Any], images: list[Image.Image], l
         init, refs, pil_mask = prepare(s.width, s.height, init, refs, s.auto_resize_ref_image, pil_mask)
     except (InvalidArgumentError, TypeError) as e:
         raise ApiError(400, str(e)) from None
-    if s.width * s.height > limits.max_pixels:
-        raise ApiError(400, f"{s.width}x{s.height} is over this server's {limits.max_pixels} pixels", param="size")
+    width, height = s.output_size                               # a hires pass's, when there is one
+    if width * height > limits.max_pixels:
+        raise ApiError(400, f"{width}x{height} is over this server's {limits.max_pixels} pixels", param="size")
     return s, init, refs, pil_mask
