@@ -177,3 +177,57 @@ def test_grid_lora_axis_by_content(tiny_sets, loras, tmp_path):
     copy.write_bytes(loras["z"].read_bytes())
     moved = grids.build({**spec, "sweeps": {"lora": {"loras": [[f"{copy}:0.8"]]}}})
     assert moved.rows[0].row_id == g.rows[1].row_id
+
+
+def _read_safetensors(path):
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    kinds = {"F16": np.float16, "F32": np.float32}
+    out = {}
+    for name, info in header.items():
+        if name != "__metadata__":
+            a, b = info["data_offsets"]
+            out[name] = np.frombuffer(data[8 + n + a:8 + n + b], dtype=kinds[info["dtype"]]).reshape(info["shape"])
+    return out, header.get("__metadata__", {})
+
+
+def test_runtime_lora_equals_the_lora_merged_into_the_file(tmp_path):
+    """W + multiplier * alpha / rank * B @ A, written as a new DiT file (F32, so no rounding of
+    its own): its image without the LoRA is the base file's with it, within float rounding."""
+    from sdcpp_py.synthetic import write_model_set
+    from sdcpp_py.synthetic.lora import write_safetensors
+
+    m = write_model_set("z-image-turbo", tmp_path / "st", size="tiny", seed=1, fmt="safetensors", dit_type="f32")
+    rank, alpha, multiplier = 4, 2.0, 0.8
+    lora = write_lora(tmp_path / "l.safetensors", "z-image-turbo", rank=rank, alpha=alpha, seed=3, std=0.5,
+                      dtype="f32")
+    weights, meta = _read_safetensors(m.diffusion_model)
+    merged = {k: v.copy() for k, v in weights.items()}
+    parts, _ = _read_safetensors(lora)
+    for name in (k for k in parts if k.endswith(".lora_A.weight")):
+        module = name.removeprefix("diffusion_model.").removesuffix(".lora_A.weight")
+        delta = multiplier * alpha / rank * (parts[name.replace("lora_A", "lora_B")].astype(np.float64)
+                                             @ parts[name].astype(np.float64))
+        target, rows = module, slice(None)
+        for i, x in enumerate("qkv"):                       # diffusers' to_q/to_k/to_v: rows of the fused qkv
+            if module.endswith(f"attention.to_{x}"):
+                n = delta.shape[0]
+                target, rows = module.removesuffix(f"to_{x}") + "qkv", slice(i * n, (i + 1) * n)
+        target = target.replace("to_out.0", "out") + ".weight"
+        merged[target][rows] = (merged[target][rows].astype(np.float64) + delta).astype(np.float32)
+    assert sum(not np.array_equal(merged[k], weights[k]) for k in weights) == 5      # qkv, out, w1, w2, w3
+    merged_file = write_safetensors(tmp_path / "merged-dit.safetensors", merged, meta)
+
+    def latent(dit, **kw):
+        with Pipeline(diffusion_model=dit, llm=m.llm, vae=m.vae, n_threads=2) as pipe:
+            return pipe.denoise(pipe.encode("a lighthouse"), width=64, height=64, steps=2, seed=5, **kw).data
+    runtime = latent(m.diffusion_model, loras=[(str(lora), multiplier)])
+    offline = latent(merged_file)
+    base = latent(m.diffusion_model)
+    assert np.abs(runtime - base).max() > 0.05                               # the LoRA matters ...
+    print(f"runtime vs merged: max |diff| {np.abs(runtime - offline).max():.2e}, LoRA effect "
+          f"{np.abs(runtime - base).max():.2e}")
+    assert np.abs(runtime - offline).max() < 1e-4 * max(1.0, float(np.abs(base).max()))   # ... and is W + BA
