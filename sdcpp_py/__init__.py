@@ -39,8 +39,10 @@ if TYPE_CHECKING:
     from .convert import ConvertResult, convert
     from .pipeline import Pipeline
     from .system import system_info
+    from .upscaler import Upscaler
 
-_NATIVE = {"Pipeline": ".pipeline", "convert": ".convert", "ConvertResult": ".convert", "system_info": ".system"}
+_NATIVE = {"Pipeline": ".pipeline", "convert": ".convert", "ConvertResult": ".convert", "system_info": ".system",
+           "Upscaler": ".upscaler"}
 
 
 def __getattr__(name: str) -> Any:
@@ -55,7 +57,7 @@ __all__ = [
     "Pipeline", "GenerationResult", "Conditioning", "Latent", "ContextSettings", "GenerationSettings",
     "Preset", "PRESETS", "Z_IMAGE_TURBO", "FLUX2_KLEIN_4B", "get_preset",
     "SAMPLERS", "SCHEDULERS", "WEIGHT_TYPES", "system_info", "Preview", "convert", "ConvertResult",
-    "ImageParameters", "read_parameters",
+    "ImageParameters", "read_parameters", "Upscaler",
     "SdcppError", "LibraryError", "ModelLoadError", "ModelNotFoundError", "CorruptModelError",
     "IncompatibleModelError", "InvalidArgumentError", "GenerationError", "ClosedError",
     "ReentrantCallError", "BackendError", "Cancelled", "EngineCrashed",

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from ..errors import SdcppError
@@ -48,6 +49,8 @@ def _sd_cli(argv: list[str]) -> int:
         return _print_metadata(Path(args.image), args.metadata_format)
     if args.mode == "convert":
         return _convert(args)
+    if args.mode == "upscale":
+        return _upscale(args)
     from .run import run
 
     return run(args)
@@ -62,6 +65,27 @@ def _convert(args: argparse.Namespace) -> int:
     result = convert(args.model, output, wtype=args.wtype, vae=args.vae, tensor_type_rules=args.tensor_type_rules,
                      convert_name=args.convert_name, progress=not args.no_progress)
     print(json.dumps({"output": str(result.path), "seconds": round(result.seconds, 3), "types": result.types},
+                     indent=2))
+    return 0
+
+
+def _upscale(args: argparse.Namespace) -> int:
+    """sd-cli's -M upscale: -i IMAGE through --upscale-model, --upscale-repeats times, to -o."""
+    from .._images import open_image
+    from ..fileid import write_whole
+    from ..metadata import image_bytes
+    from ..upscaler import Upscaler
+
+    if args.upscale_model is None or not args.init_img:
+        raise CliError("upscale mode needs --upscale-model and the image: -i/--init-img")
+    image = open_image(args.init_img, "--init-img")
+    start = time.perf_counter()
+    with Upscaler(args.upscale_model, n_threads=args.threads if args.threads > 0 else None,
+                  tile_size=args.upscale_tile_size) as upscaler:
+        out = upscaler.upscale(image, args.upscale_repeats)
+    path = Path(args.output)
+    write_whole(path, image_bytes(out, path.suffix))
+    print(json.dumps({"output": str(path), "size": list(out.size), "seconds": round(time.perf_counter() - start, 3)},
                      indent=2))
     return 0
 

@@ -27,6 +27,7 @@ from ..metadata import ImageParameters, image_bytes, image_parameters, read_para
 from ..modelset import model_set
 from ..pipeline import Pipeline
 from ..settings import TqdmProgress, parse_request
+from ..upscaler import Upscaler
 from .jobs import Job, OutputNames, make_jobs, parse_seeds, read_prompt_file
 from .sdcli import (
     PER_JOB,
@@ -103,8 +104,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     preview = _preview(args)
     pipe: Pipeline | None = None
+    upscaler: Upscaler | None = None
     try:
         pipe, _ = Pipeline.open_set(models)
+        upscaler = (Upscaler(args.upscale_model, n_threads=pipe.settings.n_threads, tile_size=args.upscale_tile_size)
+                    if args.upscale_model is not None else None)
         if stored is not None and stored.hashes and not args.disable_image_metadata:
             _check_hashes(pipe, stored)
         weights = pipe.weights
@@ -133,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     params = (None if args.disable_image_metadata
                               else image_parameters(pipe, item.settings, item.seed, weights))
-                    write_whole(path, image_bytes(item.image, path.suffix, params))   # whole: Ctrl-C leaves none half
+                    image = upscaler.upscale(item.image, args.upscale_repeats) if upscaler else item.image
+                    write_whole(path, image_bytes(image, path.suffix, params))   # whole: Ctrl-C leaves none half
                     logger.info("save result image %d to '%s' (denoise %.2f s, decode %.2f s)", index, path,
                                 item.timings["denoise_s"], item.timings["decode_s"])
                     summary["outputs"].append(str(path))
@@ -145,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"sdcpp-py: interrupted; {len(summary['outputs'])} of {total} images written", file=sys.stderr)
         return 130
     finally:
+        if upscaler is not None:
+            upscaler.close()
         if pipe is not None:
             summary.update({"loads": pipe.load_count, "encodes": pipe.encodings.info().misses,
                             "load_s": round(pipe.load_seconds, 3), "weights": pipe.weight_plan.to_dict()})

@@ -44,12 +44,11 @@ REFUSED: dict[str, str] = {
                      "--qwen-image-zero-cond-t", "--prediction"), _SD_ONLY),
     "--timestep-shift": "a shifted timestep is SDXL-only in this engine (it is reset to 0 for flow models)",
     "--increase-ref-index": "FLUX.2 gives each reference its own index already; Z-Image takes no references",
-    **dict.fromkeys(("--max-vram", "--upscale-model", "--upscale-repeats", "--upscale-tile-size", "--metadata-raw",
-                     "--metadata-brief", "--metadata-all"), _NOT_YET),
+    **dict.fromkeys(("--max-vram", "--metadata-raw", "--metadata-brief", "--metadata-all"), _NOT_YET),
 }
 UNSUPPORTED = tuple(REFUSED)
-MODES = ("img_gen", "convert", "metadata")
-UNSUPPORTED_MODES = ("vid_gen", "upscale")
+MODES = ("img_gen", "convert", "metadata", "upscale")
+UNSUPPORTED_MODES = ("vid_gen",)
 
 
 class CliError(Exception):
@@ -113,6 +112,10 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     ctx.add_argument("--circulary", action="store_true", help="seamless across the top/bottom edges")
     ctx.add_argument("--lora-model-dir", type=Path,
                      help="folder of the LoRA files a prompt's <lora:NAME:WEIGHT> names (default: .)")
+    ctx.add_argument("--upscale-model", type=Path, help="an ESRGAN model (RealESRGAN x4plus, ...): -M upscale, or "
+                                                        "applied to every generated image")
+    ctx.add_argument("--upscale-repeats", type=int, default=1, help="times to run the upscaler (default 1)")
+    ctx.add_argument("--upscale-tile-size", type=int, default=128, help="the upscaler's tile size (default 128)")
     ctx.add_argument("--hires-upscalers-dir", type=Path, help="folder of the ESRGAN files --hires-upscaler names")
     ctx.add_argument("--lora-apply-mode", choices=("auto", "immediately", "at_runtime"),
                      help="auto (here: at_runtime, the base weights untouched) | at_runtime | immediately "

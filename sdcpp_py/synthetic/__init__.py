@@ -14,6 +14,7 @@ Only numpy and the standard library are used.
 from __future__ import annotations
 
 from .dtypes import FORMATS, WEIGHT_TYPES
+from .esrgan import write_esrgan
 from .layouts import COMPONENTS, FAMILIES, SIZES, TensorSpec, component_layout, total_params
 from .lora import LORA_LAYOUTS, write_lora
 from .models import SyntheticModelSet, component_filename, component_specs, write_component, write_model_set
@@ -22,6 +23,7 @@ __all__ = [
     "SyntheticModelSet",
     "write_model_set",
     "write_lora",
+    "write_esrgan",
     "LORA_LAYOUTS",
     "write_component",
     "component_filename",
