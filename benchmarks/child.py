@@ -5,7 +5,8 @@ decode a list of items with it. Reads a JSON spec, prints one BENCH_JSON line.
 
 spec: {"files": {"diffusion_model": ..., "llm": ..., "vae": ...},
        "context": {ContextSettings keywords}, "prompt": str, "negative_prompt": str|null,
-       "items": [{"width", "height", "steps", "seed", "cfg_scale"}], "out": dir|null, "tag": str}
+       "items": [{"width", "height", "steps", "seed", ... GenerationSettings fields}], "out": dir|null,
+       "tag": str}
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def main(spec_path: str) -> None:
         image = pipe.decode(latent)
         decode_s = time.perf_counter() - t1
         row = {**item, "seed": latent.seed, "denoise_s": latent.info["denoise_s"], "decode_s": decode_s,
-               "step_s": latent.info["denoise_s"] / item.get("steps", 1), "steps_s": per_step}
+               "step_s": latent.info["denoise_s"] / item.get("steps", 1), "steps_s": per_step,
+               "cache": latent.info["cache"]}
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"{spec.get('tag', 'img')}-{n:02d}.png"

@@ -11,7 +11,8 @@ fp32 GEMM of the same shapes), kernels (weights kept repacked or plain or
 expanded to F16/BF16, at several sizes, against PyTorch's GEMM peak and diffusers, a
 perf profile of a step, the weight policy's goals), guide (the field guide's sweeps with contact sheets),
 control (cancel latency in a step and in a VAE decode, isolation overhead, memory), server (HTTP
-latency against an in-process generation, requests per minute from 4 clients).
+latency against an in-process generation, requests per minute from 4 clients), parity (LoRAs
+at runtime and merged, step caches, ESRGAN upscaling).
 Every measurement runs in a child process (wall time and peak RSS from wait4) on
 files written once into the cache. See benchmarks/README.md for the setup of the
 external tools and for results.
@@ -31,13 +32,14 @@ import control  # noqa: E402
 import guide  # noqa: E402
 import kernel_suite  # noqa: E402
 import knobs  # noqa: E402
+import parity  # noqa: E402
 import serving  # noqa: E402
 import sweeping  # noqa: E402
 from harness import CACHE, RESULTS, machine_info, run_spec, write_json  # noqa: E402
 from roofline import roofline  # noqa: E402
 
 FAMILIES = ("z-image-turbo", "flux2-klein")
-SUITES = ("compare", "knobs", "kernels", "roofline", "guide", "control", "server", "sweep")
+SUITES = ("compare", "knobs", "kernels", "roofline", "guide", "control", "server", "sweep", "parity")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -163,6 +165,16 @@ def main(argv: list[str]) -> int:
             results.setdefault(name, []).append(res)
             md += suite.markdown(res)
             write_json(out / "results.json", results)
+    if "parity" in suites:
+        md.append("## Engine parity: LoRAs, step caches, upscaling")
+        for fam in args.knob_families.split(","):
+            res = parity.run(fam, models(fam), args, work / "parity")
+            results.setdefault("parity", []).append(res)
+            md += parity.markdown(res)
+            write_json(out / "results.json", results)
+        results["upscale"] = parity.upscale(args, work / "parity")
+        md += parity.upscale_markdown(results["upscale"])
+        write_json(out / "results.json", results)
     import plots
 
     results["plots"] = plots.make_all(results, out / "plots")

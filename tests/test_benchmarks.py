@@ -124,3 +124,13 @@ def test_run_quick(tmp_path):
         assert all(res["equal_to_in_process"].values()) and res["rows"] == 16
         assert all(p["images_per_minute"] > 0 and p["busiest_worker_s"] > 0 for p in res["paths"])
     assert "## Sweeps" in summary
+    for res in data["parity"]:    # LoRAs in both apply modes, every DiT step cache, in one process each
+        lora = [(r["apply"], r["label"]) for r in res["rows"] if r["part"] == "lora"]
+        assert [label for mode, label in lora if mode == "immediately"] == [label for _, label in lora[:6]]
+        assert {mode for mode, _ in lora} == {"at_runtime", "immediately"}
+        cache = {r["label"]: r for r in res["rows"] if r["part"] == "cache"}
+        assert set(cache) == {"none", "easycache", "dbcache", "taylorseer", "cache-dit", "spectrum"}
+        assert cache["none"]["skipped"] == 0 and any(r["skipped"] > 0 for r in cache.values())
+        assert all(r["denoise_s"] > 0 and r["denoise_vs_none"] > 0 for r in res["rows"])
+    assert data["upscale"]["output"] == "256x256" and data["upscale"]["peak_rss_mb"] > 0
+    assert "## Engine parity" in summary

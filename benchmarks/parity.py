@@ -1,0 +1,125 @@
+"""What the engine-parity features cost: LoRAs (none, one, three; applied at runtime or
+merged into the weights), step caches (each mode against the plain schedule at the
+family's step count) and ESRGAN upscaling (load, one x4 pass, peak memory).
+
+LoRA and cache rows are items of one process each, on one prompt encoding: the first
+item of a LoRA set includes applying it, the repeat shows the steady state. The
+upscaler runs in its own child (``parity.py --child SPEC``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import CACHE, emit, ratio, run_script, run_spec  # noqa: E402
+
+PROMPT = "a red fox in the snow, morning light"
+CACHE_STEPS = {"z-image-turbo": 8, "flux2-klein": 4}
+CACHE_MODES = ("easycache", "dbcache", "taylorseer", "cache-dit", "spectrum")
+LORA_RANK = 32
+
+
+def loras(family: str, size: str, n: int) -> list[list[Any]]:
+    """``n`` synthetic LoRAs for the family's DiT (written once into the cache), multiplier 0.8."""
+    from sdcpp_py.synthetic import write_lora
+
+    out = []
+    for i in range(n):
+        path = CACHE / "synthetic" / f"lora-{family}-{size}-r{LORA_RANK}-{i}.safetensors"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_lora(path.with_suffix(".part"), family, size, rank=LORA_RANK, seed=i)
+            path.with_suffix(".part").rename(path)
+        out.append([str(path), 0.8])
+    return out
+
+
+def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
+    size = "tiny" if args.quick else "full"
+    files = {"diffusion_model": models.diffusion_model, "llm": models.llm, "vae": models.vae}
+    one, three = loras(family, size, 1), loras(family, size, 3)
+    base = {"width": args.width, "height": args.height, "steps": args.steps, "seed": 7}
+    lora_items = [("none", {}), ("1 LoRA", {"loras": one}), ("1 LoRA again", {"loras": one}),
+                  ("3 LoRAs", {"loras": three}), ("3 LoRAs again", {"loras": three}), ("none again", {})]
+    rows: list[dict[str, Any]] = []
+    for mode, context in (("at_runtime", {}), ("immediately", {"lora_apply_mode": "immediately", "repack": "none"})):
+        spec = {"files": files, "context": {"n_threads": args.threads, "lora_apply_mode": mode, **context},
+                "prompt": PROMPT, "items": [{**base, **extra} for _, extra in lora_items], "tag": f"lora-{mode}"}
+        r = run_spec(spec, work, f"{family}-lora-{mode}")
+        for (label, _), item in zip(lora_items, r.report["items"], strict=True):
+            rows.append({"part": "lora", "apply": mode, "label": label, "load_s": round(r.report["load_s"], 2),
+                         "denoise_s": round(item["denoise_s"], 3), "step_s": round(item["step_s"], 3),
+                         "peak_rss_mb": round(r.peak_rss_mb)})
+    steps = CACHE_STEPS.get(family, 4)
+    cache_items = [("none", {})] + [(m, {"cache_mode": m}) for m in CACHE_MODES]
+    spec = {"files": files, "context": {"n_threads": args.threads}, "prompt": PROMPT, "tag": "cache",
+            "items": [{**base, "steps": steps, **extra} for _, extra in cache_items]}
+    r = run_spec(spec, work, f"{family}-cache")
+    for (label, _), item in zip(cache_items, r.report["items"], strict=True):
+        rows.append({"part": "cache", "label": label, "steps": steps, "denoise_s": round(item["denoise_s"], 3),
+                     "skipped": item["cache"].get("skipped", 0), "peak_rss_mb": round(r.peak_rss_mb)})
+    for row in rows:      # each against the no-LoRA (no-cache) item of its own process
+        ref = next(x for x in rows if (x["part"], x.get("apply"), x["label"]) == (row["part"], row.get("apply"), "none"))
+        row["denoise_vs_none"] = ratio(row["denoise_s"], ref["denoise_s"])
+    return {"family": family, "width": args.width, "height": args.height, "steps": args.steps, "rows": rows}
+
+
+def upscale(args: Any, work: Path) -> dict[str, Any]:
+    """One RealESRGAN x4plus pass (23 blocks; 1 with --quick) over a synthetic image."""
+    from sdcpp_py.synthetic import write_esrgan
+
+    size = "tiny" if args.quick else "full"
+    path = CACHE / "synthetic" / f"esrgan-x4-{size}.safetensors"
+    if not path.exists():
+        write_esrgan(path.with_suffix(".part"), size)
+        path.with_suffix(".part").rename(path)
+    side = 64 if args.quick else 512
+    r = run_script("parity.py", {"model": str(path), "side": side, "threads": args.threads}, work, f"upscale-{size}")
+    return {**r.report, "wall_s": round(r.wall_s, 2), "peak_rss_mb": round(r.peak_rss_mb)}
+
+
+def child(spec_path: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from sdcpp_py import Upscaler
+
+    spec = json.loads(Path(spec_path).read_text())
+    side = spec["side"]
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    t0 = time.perf_counter()
+    up = Upscaler(spec["model"], n_threads=spec["threads"])
+    load_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    out = up.upscale(Image.fromarray(pixels))
+    emit({"load_s": round(load_s, 2), "upscale_s": round(time.perf_counter() - t1, 2),
+          "input": f"{side}x{side}", "output": f"{out.width}x{out.height}", "scale": up.scale})
+    up.close()
+
+
+def markdown(res: dict[str, Any]) -> list[str]:
+    md = [f"### {res['family']}: {res['width']}x{res['height']}, one process per apply mode / cache set", "",
+          "| part | apply | item | steps | load s | denoise s | x no-LoRA / no-cache | skipped steps | peak RSS MB |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        md.append(f"| {r['part']} | {r.get('apply', '')} | {r['label']} | {r.get('steps', res['steps'])} | "
+                  f"{r.get('load_s', '')} | {r['denoise_s']} | {r.get('denoise_vs_none', '')} | "
+                  f"{r.get('skipped', '')} | {r['peak_rss_mb']} |")
+    return md + [""]
+
+
+def upscale_markdown(u: dict[str, Any]) -> list[str]:
+    return [f"Upscale (RealESRGAN x4plus layout) {u['input']} -> {u['output']}: load {u['load_s']} s, "
+            f"one pass {u['upscale_s']} s, peak RSS {u['peak_rss_mb']} MB", ""]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child(sys.argv[2])
+    else:
+        sys.exit("run through benchmarks/run.py --suites parity")
