@@ -22,6 +22,7 @@ PROMPT = "a red fox in the snow, morning light"
 CACHE_STEPS = {"z-image-turbo": 8, "flux2-klein": 4}
 CACHE_MODES = ("easycache", "dbcache", "taylorseer", "cache-dit", "spectrum")
 LORA_RANK = 32
+PARTS = ("lora", "cache", "upscale")
 
 
 def loras(family: str, size: str, n: int) -> list[list[Any]]:
@@ -39,11 +40,25 @@ def loras(family: str, size: str, n: int) -> list[list[Any]]:
     return out
 
 
-def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
+def run(family: str, models: Any, args: Any, work: Path, parts: Any = PARTS) -> dict[str, Any]:
     size = "tiny" if args.quick else "full"
     files = {"diffusion_model": models.diffusion_model, "llm": models.llm, "vae": models.vae}
-    one, three = loras(family, size, 1), loras(family, size, 3)
     base = {"width": args.width, "height": args.height, "steps": args.steps, "seed": 7}
+    rows: list[dict[str, Any]] = []
+    if "lora" in parts:
+        rows += lora_rows(family, size, files, base, args, work)
+    if "cache" in parts:
+        rows += cache_rows(family, files, base, args, work)
+    for row in rows:      # each against the no-LoRA (no-cache) item of its own process
+        ref = next(x for x in rows if (x["part"], x.get("apply"), x["label"]) == (row["part"], row.get("apply"), "none"))
+        row["denoise_vs_none"] = ratio(row["denoise_s"], ref["denoise_s"])
+    return {"family": family, "width": args.width, "height": args.height, "steps": args.steps,
+            "dit": Path(models.diffusion_model).name, "rows": rows}
+
+
+def lora_rows(family: str, size: str, files: dict[str, Any], base: dict[str, Any], args: Any,
+              work: Path) -> list[dict[str, Any]]:
+    one, three = loras(family, size, 1), loras(family, size, 3)
     lora_items = [("none", {}), ("1 LoRA", {"loras": one}), ("1 LoRA again", {"loras": one}),
                   ("3 LoRAs", {"loras": three}), ("3 LoRAs again", {"loras": three}), ("none again", {})]
     rows: list[dict[str, Any]] = []
@@ -55,18 +70,18 @@ def run(family: str, models: Any, args: Any, work: Path) -> dict[str, Any]:
             rows.append({"part": "lora", "apply": mode, "label": label, "load_s": round(r.report["load_s"], 2),
                          "denoise_s": round(item["denoise_s"], 3), "step_s": round(item["step_s"], 3),
                          "peak_rss_mb": round(r.peak_rss_mb)})
+    return rows
+
+
+def cache_rows(family: str, files: dict[str, Any], base: dict[str, Any], args: Any, work: Path) -> list[dict[str, Any]]:
     steps = CACHE_STEPS.get(family, 4)
     cache_items = [("none", {})] + [(m, {"cache_mode": m}) for m in CACHE_MODES]
     spec = {"files": files, "context": {"n_threads": args.threads}, "prompt": PROMPT, "tag": "cache",
             "items": [{**base, "steps": steps, **extra} for _, extra in cache_items]}
     r = run_spec(spec, work, f"{family}-cache")
-    for (label, _), item in zip(cache_items, r.report["items"], strict=True):
-        rows.append({"part": "cache", "label": label, "steps": steps, "denoise_s": round(item["denoise_s"], 3),
-                     "skipped": item["cache"].get("skipped", 0), "peak_rss_mb": round(r.peak_rss_mb)})
-    for row in rows:      # each against the no-LoRA (no-cache) item of its own process
-        ref = next(x for x in rows if (x["part"], x.get("apply"), x["label"]) == (row["part"], row.get("apply"), "none"))
-        row["denoise_vs_none"] = ratio(row["denoise_s"], ref["denoise_s"])
-    return {"family": family, "width": args.width, "height": args.height, "steps": args.steps, "rows": rows}
+    return [{"part": "cache", "label": label, "steps": steps, "denoise_s": round(item["denoise_s"], 3),
+             "skipped": item["cache"].get("skipped", 0), "peak_rss_mb": round(r.peak_rss_mb)}
+            for (label, _), item in zip(cache_items, r.report["items"], strict=True)]
 
 
 def upscale(args: Any, work: Path) -> dict[str, Any]:
@@ -103,7 +118,8 @@ def child(spec_path: str) -> None:
 
 
 def markdown(res: dict[str, Any]) -> list[str]:
-    md = [f"### {res['family']}: {res['width']}x{res['height']}, one process per apply mode / cache set", "",
+    md = [f"### {res['family']}: {res['width']}x{res['height']}, DiT {res['dit']}, one process per apply mode / "
+          "cache set", "",
           "| part | apply | item | steps | load s | denoise s | x no-LoRA / no-cache | skipped steps | peak RSS MB |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:

@@ -69,6 +69,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--max-steps", type=int, help="guide: cap on steps")
     ap.add_argument("--base-steps", type=int, default=4, help="guide: steps of the non-step sweeps (capped)")
     ap.add_argument("--seeds", type=int, default=8, help="guide: seeds per orientation")
+    ap.add_argument("--parity-dit", default="q4_k", help="parity: the DiT file's weight type (default q4_k, the "
+                    "articles' files; q4_0, q8_0, bf16, ...)")
+    ap.add_argument("--parity-parts", default=",".join(parity.PARTS), help="parity: comma list of lora, cache, upscale")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<stamp>)")
     a = ap.parse_args(argv)
     if a.baseline_library is not None and not a.baseline_library.is_file():
@@ -167,14 +170,16 @@ def main(argv: list[str]) -> int:
             write_json(out / "results.json", results)
     if "parity" in suites:
         md.append("## Engine parity: LoRAs, step caches, upscaling")
-        for fam in args.knob_families.split(","):
-            res = parity.run(fam, models(fam), args, work / "parity")
+        parts = args.parity_parts.split(",")
+        for fam in args.knob_families.split(",") if {"lora", "cache"} & set(parts) else ():
+            res = parity.run(fam, models(fam, args.parity_dit), args, work / "parity", parts)
             results.setdefault("parity", []).append(res)
             md += parity.markdown(res)
             write_json(out / "results.json", results)
-        results["upscale"] = parity.upscale(args, work / "parity")
-        md += parity.upscale_markdown(results["upscale"])
-        write_json(out / "results.json", results)
+        if "upscale" in parts:
+            results["upscale"] = parity.upscale(args, work / "parity")
+            md += parity.upscale_markdown(results["upscale"])
+            write_json(out / "results.json", results)
     import plots
 
     results["plots"] = plots.make_all(results, out / "plots")

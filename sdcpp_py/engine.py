@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +66,8 @@ class Engine(Owner):
         self.handle: ContextHandle | None = None
         self.tokenizer: Any = None             # the text encoder's tokenizer (a handle of its own)
         self.load_seconds = 0.0
+        self.merges_loras = False              # lora_apply_mode immediately: LoRAs merged into the weights
+        self._merged: frozenset[tuple[str, float]] | None = frozenset()   # what is merged (None: unknown)
 
     # -- running ---------------------------------------------------------------------------
     def run(self, fn: Callable[[SdCtx], T], *, token: CancelToken | None = None,
@@ -125,6 +127,7 @@ class Engine(Owner):
             return ctx, time.perf_counter() - start
 
         ctx, self.load_seconds = self.thread.run(create, owner=self, discard=lambda r: lib.sdcpp_free_ctx(r[0]))
+        self.merges_loras = settings.lora_apply_mode == "immediately"
         self.handle = ContextHandle(ctx)
         tokenizer = self.thread.run(lambda: lib.sdcpp_tokenizer(ctx))
         self.tokenizer = ffi.gc(tokenizer, lib.sdcpp_tokenizer_free) if tokenizer != ffi.NULL else None
@@ -207,11 +210,35 @@ class Engine(Owner):
         if self.release_encoder_after:
             self._release(ctx, ENCODER)
 
+    @contextmanager
+    def _lora_weights(self, ctx: SdCtx, loras: Sequence[tuple[str, float]]) -> Iterator[None]:
+        """Around a call that applies ``loras``. Merged LoRAs (lora_apply_mode immediately):
+        before a call with other LoRAs than those merged, the weights are read again from their
+        files and the engine forgets what it merged, so the new LoRAs go into the file's weights
+        (the engine's own unmerge subtracts, which leaves rounding in quantized and 16-bit
+        weights). After a failed call what is merged is unknown: the next call reloads."""
+        want = frozenset({path: m for path, m in loras if m != 0.0}.items())
+        if not self.merges_loras or want == self._merged:
+            yield
+            return
+        if self._merged != frozenset():
+            for component in (DIFFUSION, ENCODER):
+                if lib.sdcpp_component_loaded(ctx, component):
+                    self._release(ctx, component)
+                    self._ensure(ctx, component)
+            check(lib.sdcpp_forget_loras(ctx), GenerationError)
+        self._merged = None
+        yield
+        self._merged = want
+
     def borrow_encoder(self, owner: Engine | Any) -> None:
         """Use ``owner``'s text encoder (this context's own is freed): one copy for both."""
         if not isinstance(owner, Engine):
             raise InvalidArgumentError("an isolated pipeline's text encoder lives in its own process: "
                                        "it cannot be shared")
+        if self.merges_loras or owner.merges_loras:
+            raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the text encoder's "
+                                       "weights, which a shared encoder would pass on to the other pipeline")
 
         def share(ctx: SdCtx) -> None:
             check(lib.sdcpp_share_encoder(owner._ptr(), ctx), ModelLoadError)
@@ -256,7 +283,7 @@ class Engine(Owner):
                 for i in range(s.batch_count):
                     lib.free(out[0][i].data)
                 lib.free(out[0])
-            with capture() as log:
+            with capture() as log, self._lora_weights(ctx, s.loras):
                 try:
                     seconds = self._native(lib.sdcpp_generate, params, out, progress=progress,
                                            preview=preview, cleanup=free)
@@ -279,8 +306,9 @@ class Engine(Owner):
             params, keep = image_params(s)
             out = ffi.new("sdcpp_result_t**")
             try:
-                seconds = self._native(lib.sdcpp_encode, params, with_negative, out,
-                                       cleanup=lambda: lib.sdcpp_result_free(out[0]))
+                with self._lora_weights(ctx, s.loras):
+                    seconds = self._native(lib.sdcpp_encode, params, with_negative, out,
+                                           cleanup=lambda: lib.sdcpp_result_free(out[0]))
             finally:
                 self._after_encoding(ctx)
             return read_result(out[0]), seconds
@@ -299,7 +327,7 @@ class Engine(Owner):
             init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
             noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
             out = ffi.new("sdcpp_result_t**")
-            with capture() as log:
+            with capture() as log, self._lora_weights(ctx, s.loras):
                 seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
                                        init.first if init else ffi.NULL,
                                        noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,

@@ -166,6 +166,9 @@ class Pipeline:
             raise IncompatibleModelError(f"pipelines sharing a text encoder need the same {', '.join(differ)}")
         if self.engine.isolated or other.engine.isolated:
             raise InvalidArgumentError("isolated pipelines cannot share a text encoder (each has its own process)")
+        if "immediately" in (self.settings.lora_apply_mode, other.settings.lora_apply_mode):
+            raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the text encoder's weights, "
+                                       "which a shared encoder would pass on to the other pipeline")
         self._open(defer_encoder=True)
         self.engine.borrow_encoder(other.engine)
 
@@ -439,7 +442,11 @@ class Pipeline:
             hit = self.encodings.get(key)
             if hit is not None:
                 return hit
-        s = request(prompt=prompt, negative_prompt=negative_prompt or "", loras=encoder_loras)
+        # merged LoRAs: the call takes the request's whole set, so the weights stay merged for its denoise
+        merged = self.settings.lora_apply_mode == "immediately"
+        s = request(prompt=prompt, negative_prompt=negative_prompt or "",
+                    loras=tuple((str(self._lora(p).path), m) for p, m in s.loras if m != 0.0) if merged
+                    else encoder_loras)
         parts, seconds = self.engine.encode(s, negative_prompt is not None, token=cancel)
         cond = Conditioning(dict(parts), self.family, self.encoder_id, prompt, negative_prompt, seconds)
         if use_cache:

@@ -140,6 +140,9 @@ class ContextSettings:
         for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
+        if self.lora_apply_mode == "immediately" and (self.release_encoder or self.release_diffusion):
+            raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the weights, which "
+                                       "release_encoder/release_diffusion free between calls (use 'at_runtime')")
 
 
 PREVIEW_MODES = ("proj", "tae", "vae")

@@ -732,6 +732,16 @@ SHIM_API void sdcpp_tokenizer_free(sdcpp_tokenizer_t* tokenizer) {
     delete tokenizer;
 }
 
+SHIM_API int sdcpp_forget_loras(sd_ctx_t* ctx) {
+    return guarded("forget_loras", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr) {
+            return fail("forget_loras: null context");
+        }
+        ctx->sd->curr_lora_state.clear();
+        return 0;
+    });
+}
+
 SHIM_API int sdcpp_share_encoder(sd_ctx_t* owner, sd_ctx_t* borrower) {
     return guarded("share_encoder", [&]() -> int {
         if (owner == nullptr || borrower == nullptr || owner->sd == nullptr || borrower->sd == nullptr) {
