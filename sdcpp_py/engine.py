@@ -67,7 +67,8 @@ class Engine(Owner):
         self.tokenizer: Any = None             # the text encoder's tokenizer (a handle of its own)
         self.load_seconds = 0.0
         self.merges_loras = False              # lora_apply_mode immediately: LoRAs merged into the weights
-        self._merged: frozenset[tuple[str, float]] | None = frozenset()   # what is merged (None: unknown)
+        # the LoRAs (path, multiplier, file stamp) the engine applied last (None: unknown)
+        self._applied: frozenset[tuple[str, float, tuple[int, int] | None]] | None = frozenset()
 
     # -- running ---------------------------------------------------------------------------
     def run(self, fn: Callable[[SdCtx], T], *, token: CancelToken | None = None,
@@ -212,24 +213,32 @@ class Engine(Owner):
 
     @contextmanager
     def _lora_weights(self, ctx: SdCtx, loras: Sequence[tuple[str, float]]) -> Iterator[None]:
-        """Around a call that applies ``loras``. Merged LoRAs (lora_apply_mode immediately):
-        before a call with other LoRAs than those merged, the weights are read again from their
-        files and the engine forgets what it merged, so the new LoRAs go into the file's weights
-        (the engine's own unmerge subtracts, which leaves rounding in quantized and 16-bit
-        weights). After a failed call what is merged is unknown: the next call reloads."""
-        want = frozenset({path: m for path, m in loras if m != 0.0}.items())
-        if not self.merges_loras or want == self._merged:
+        """Around a call that applies ``loras``; the engine keeps what it applied for the next call.
+
+        Applied at run time, the engine keeps the LoRAs it loaded while they are asked for again
+        (vendor/patches/0013); a file changed under the same path makes it forget them first.
+        Merged into the weights (lora_apply_mode immediately): before a call with other LoRAs than
+        those merged, the weights are read again from their files and the engine forgets what it
+        merged, so the new LoRAs go into the file's weights (the engine's own unmerge subtracts,
+        which leaves rounding in quantized and 16-bit weights). After a failed call what the engine
+        holds is unknown: the next call starts afresh."""
+        want = frozenset((path, m, _file_stamp(path)) for path, m in {p: m for p, m in loras if m != 0.0}.items())
+        if want == self._applied:
             yield
             return
-        if self._merged != frozenset():
+        if self.merges_loras and self._applied != frozenset():
             for component in (DIFFUSION, ENCODER):
                 if lib.sdcpp_component_loaded(ctx, component):
                     self._release(ctx, component)
                     self._ensure(ctx, component)
             check(lib.sdcpp_forget_loras(ctx), GenerationError)
-        self._merged = None
+        elif not self.merges_loras:
+            seen = {path: st for path, _, st in self._applied} if self._applied is not None else None
+            if seen is None or any(seen.get(path, st) != st for path, _, st in want):
+                check(lib.sdcpp_forget_loras(ctx), GenerationError)
+        self._applied = None
         yield
-        self._merged = want
+        self._applied = want
 
     def borrow_encoder(self, owner: Engine | Any) -> None:
         """Use ``owner``'s text encoder (this context's own is freed): one copy for both."""
@@ -366,6 +375,13 @@ class Engine(Owner):
 
 _LORA_PART = re.compile(r"Only \((\d+) / (\d+)\) LoRA tensors have been applied, lora_file_path = (.*)")
 _LORA_FAILED = re.compile(r"load lora tensors from (.*) failed")
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        return stamp(Path(path))
+    except OSError:
+        return None
 
 
 def _lora_refusal(lines: list[tuple[int, str]]) -> str | None:

@@ -270,3 +270,17 @@ def test_merged_loras_refuse_what_would_lose_or_share_them(tiny_sets, pipelines)
     with pytest.raises(InvalidArgumentError, match="shared encoder"):
         Pipeline(**files, n_threads=2, repack="none", lora_apply_mode="immediately",
                  share_encoder_with=pipelines["z-image-turbo"])
+
+
+def test_a_lora_file_changed_under_its_path_is_read_again(tiny_sets, pipelines, tmp_path):
+    """The engine keeps LoRAs applied at run time while they are asked for (vendor/patches/0013);
+    a file rewritten under the same path is loaded anew, not served from what it kept."""
+    pipe = pipelines["z-image-turbo"]
+    path = write_lora(tmp_path / "style.safetensors", "z-image-turbo", rank=4, seed=11, std=0.5)
+    first = pipe.generate("a lighthouse", loras=[(str(path), 1.0)], **KW).arrays[0]
+    assert np.array_equal(pipe.generate("a lighthouse", loras=[(str(path), 1.0)], **KW).arrays[0], first)
+    write_lora(tmp_path / "other.safetensors", "z-image-turbo", rank=4, seed=12, std=0.5).replace(path)
+    second = pipe.generate("a lighthouse", loras=[(str(path), 1.0)], **KW).arrays[0]
+    assert not np.array_equal(second, first)
+    with Pipeline(**_files(tiny_sets["z-image-turbo"]), n_threads=2) as fresh:
+        assert np.array_equal(fresh.generate("a lighthouse", loras=[(str(path), 1.0)], **KW).arrays[0], second)

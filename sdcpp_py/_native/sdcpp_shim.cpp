@@ -738,6 +738,9 @@ SHIM_API int sdcpp_forget_loras(sd_ctx_t* ctx) {
             return fail("forget_loras: null context");
         }
         ctx->sd->curr_lora_state.clear();
+        ctx->sd->cond_stage_lora_models.clear();   // at_runtime LoRAs kept across calls (patches/0013)
+        ctx->sd->diffusion_lora_models.clear();
+        ctx->sd->first_stage_lora_models.clear();
         return 0;
     });
 }

@@ -89,11 +89,12 @@ size_t sdcpp_component_bytes(sd_ctx_t* ctx, int component);  /* resident weight 
 int sdcpp_component_release(sd_ctx_t* ctx, int component);
 int sdcpp_component_reload(sd_ctx_t* ctx, int component, const char* path);
 
-/* LoRAs merged into the weights (lora_apply_mode immediately): the engine undoes a merged
- * LoRA by subtracting it again, which leaves the rounding of quantized and 16-bit weights
- * behind. The binding reloads the weights from their files instead and then calls this:
- * the engine forgets which LoRAs it merged, so the next request's LoRAs are merged into
- * the fresh weights. */
+/* Forget the LoRAs of earlier calls. Merged into the weights (lora_apply_mode immediately):
+ * the engine undoes a merged LoRA by subtracting it again, which leaves the rounding of
+ * quantized and 16-bit weights behind; the binding reloads the weights from their files
+ * instead and then calls this, so the next request's LoRAs are merged into the fresh
+ * weights. Applied at run time: the loaded LoRAs kept for the next call with the same
+ * files are dropped (the binding calls this when a file changed under the same path). */
 int sdcpp_forget_loras(sd_ctx_t* ctx);
 
 /* Make borrower's text encoder the owner's (one set of weights in memory for two
