@@ -29,6 +29,7 @@ FULL_CONFIGS: list[tuple[str, str, dict[str, Any], dict[str, str]]] = [
     ("defaults, haswell (AVX2) module", "q4_0", {}, {"SDCPP_PY_CPU_VARIANT": "haswell"}),
     ("defaults, 1 thread", "q4_0", {"n_threads": 1}, {}),
     ("defaults + release encoder/diffusion", "q4_0", {"release_encoder": True, "release_diffusion": True}, {}),
+    ("defaults + BF16 VAE weights", "q4_0", {"vae_weights": "bf16"}, {}),
 ]
 
 

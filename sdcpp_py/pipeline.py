@@ -53,7 +53,7 @@ from .settings import (
     resolve_seed,
 )
 from .staged import Conditioning, GenerationResult, ImageItem, Latent, SweepResult
-from .weights import WeightPlan, parse_buffers, plan_weights
+from .weights import VAE_BF16_RULE, WeightPlan, parse_buffers, plan_weights
 
 logger = logging.getLogger("sdcpp_py")
 PathLike = str | Path
@@ -103,6 +103,9 @@ class Pipeline:
         self._device = backends.resolve_device(self.settings.backend, self.settings.device)
         self.device = self._device or backends.default_device()
         on_cpu = self.device == "CPU"
+        if self.settings.vae_weights == "bf16" and not on_cpu:
+            raise InvalidArgumentError(f"vae_weights='bf16' is for the CPU backend (its im2col writes BF16); this "
+                                       f"pipeline runs on {self.device}")
         self.weight_plan: WeightPlan = plan_weights(
             self.settings.upcast, self.paths, on_cpu=on_cpu, wtype=self.settings.wtype, repack=self.settings.repack,
             target=self.settings.upcast_type, kernels=backends.cpu_kernels() if on_cpu else None)
@@ -140,7 +143,8 @@ class Pipeline:
             if self.paths[COMPONENT_FILE[c]] is None and not (c == ENCODER and defer_encoder):
                 raise InvalidArgumentError(f"releasing the {COMPONENT_NAME[c]} needs it in a file of its own "
                                            f"({COMPONENT_FILE[c]}=...)")
-        rules = ",".join(r for r in (self.settings.tensor_type_rules, self.weight_plan.rules) if r)
+        rules = ",".join(r for r in (self.settings.tensor_type_rules, self.weight_plan.rules,
+                                     VAE_BF16_RULE if self.settings.vae_weights == "bf16" else "") if r)
         logger.info("weights: %s", self.weight_plan.reason)
         self.load_seconds = self.engine.open(self.settings, rules=rules, defer=deferred, device=self._device or "",
                                              vae_decode_only=not self.components.vae_has_encoder,

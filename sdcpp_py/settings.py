@@ -96,6 +96,7 @@ class ContextSettings:
     upcast_type: str = "auto"            # to what: auto (BF16 where the CPU has native BF16, else F16) | f16 | bf16
     repack: str = "auto"                 # CPU: Q4_0/Q4_K/IQ4_NL/MXFP4 weights in ggml's repacked layout, or "none"
     tensor_type_rules: str | None = None  # the engine's own "regex=type,..." rules, tried before upcast's
+    vae_weights: str = "f16"             # the VAE's convolution weights: f16 (as sd-cli) | bf16 (CPU: BF16 matmuls)
     flash_attn: bool = False             # in every model (0.88x at 512x512 on SPR, 1.1x at 1 MP on Zen 4)
     diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
     enable_mmap: bool = False
@@ -140,6 +141,10 @@ class ContextSettings:
         for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
+        object.__setattr__(self, "vae_weights", _choice("vae_weights", self.vae_weights, ("f16", "bf16")))
+        if self.vae_weights == "bf16" and self.vae_conv_direct:
+            raise InvalidArgumentError("vae_weights='bf16' runs the VAE's convolutions as im2col + BF16 matmuls; "
+                                       "ggml's direct convolution (vae_conv_direct) takes F16 or F32 weights only")
         if self.lora_apply_mode == "immediately" and (self.release_encoder or self.release_diffusion):
             raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the weights, which "
                                        "release_encoder/release_diffusion free between calls (use 'at_runtime')")

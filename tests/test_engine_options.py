@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdcpp_py import InvalidArgumentError, Pipeline
+from sdcpp_py import InvalidArgumentError, Pipeline, read_parameters
 from sdcpp_py.cli import main
 
 KW = dict(width=64, height=64, steps=3, seed=5)
@@ -77,3 +77,36 @@ def test_references_at_their_own_size(pipelines):
     assert np.array_equal(staged, pipe.generate("x", ref_images=[ref], auto_resize_ref_image=False, **KW).arrays[0])
     with pytest.raises(InvalidArgumentError, match="multiples of 16"):
         pipe.generate("x", ref_images=[Image.new("RGB", (40, 40))], auto_resize_ref_image=False, **KW)
+
+
+@pytest.mark.parametrize("fam", ["z-image-turbo", "flux2-klein"])
+def test_bf16_vae_weights(tiny_sets, pipelines, tmp_path, fam):
+    """vae_weights='bf16': the VAE's convolutions run on BF16 weights and a BF16 im2col
+    (vendor/patches/0014). The image moves by rounding only; the CLI flag, staged calls and the
+    PNG's parameters agree; what cannot take BF16 convolutions is refused."""
+    m = tiny_sets[fam]
+    f16 = pipelines[fam].generate("a lighthouse", **KW).arrays[0].astype(int)
+    with Pipeline(**_files(m), n_threads=2, vae_weights="bf16") as pipe:
+        result = pipe.generate("a lighthouse", **KW)
+        bf16 = result.arrays[0].astype(int)
+        assert not np.array_equal(bf16, f16)                  # the BF16 convolutions ran
+        assert np.abs(bf16 - f16).mean() < 1.0 and f16.std() > 5.0
+        staged = next(pipe.images(pipe.settings_for("a lighthouse", **KW))).image
+        assert np.array_equal(np.asarray(staged), bf16)
+    # a later context without the setting is F16 again (the engine's switch is per creation)
+    with Pipeline(**_files(m), n_threads=2) as plain:
+        assert np.array_equal(plain.generate("a lighthouse", **KW).arrays[0], f16)
+    out = tmp_path / "cli.png"
+    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
+                 "-p", "a lighthouse", "-W", "64", "-H", "64", "--steps", "3", "-s", "5", "-t", "2",
+                 "--vae-weights", "bf16", "-o", str(out), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), bf16)
+    assert read_parameters(out).context.get("vae_weights") == "bf16"          # --from-png makes it again
+    again = tmp_path / "again.png"
+    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
+                 "--from-png", str(out), "-o", str(again), "-t", "2", "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), bf16)
+    with pytest.raises(InvalidArgumentError, match="vae_conv_direct"):
+        Pipeline(**_files(m), vae_weights="bf16", vae_conv_direct=True)
+    with pytest.raises(InvalidArgumentError, match="vae_weights"):
+        Pipeline(**_files(m), vae_weights="fp8")

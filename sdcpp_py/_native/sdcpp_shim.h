@@ -89,6 +89,10 @@ size_t sdcpp_component_bytes(sd_ctx_t* ctx, int component);  /* resident weight 
 int sdcpp_component_release(sd_ctx_t* ctx, int component);
 int sdcpp_component_reload(sd_ctx_t* ctx, int component, const char* path);
 
+/* Convolution weights in BF16 where tensor_type_rules ask for it, for the contexts created
+ * while this is on (vendor/patches/0014; CPU contexts only). */
+void sdcpp_bf16_convolutions(bool on);
+
 /* Forget the LoRAs of earlier calls. Merged into the weights (lora_apply_mode immediately):
  * the engine undoes a merged LoRA by subtracting it again, which leaves the rounding of
  * quantized and 16-bit weights behind; the binding reloads the weights from their files

@@ -192,6 +192,9 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                       help="what upcast expands to (auto: BF16 where the CPU has native BF16)")
     ours.add_argument("--repack", choices=("auto", "none"),
                       help="CPU: Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked layout (auto)")
+    ours.add_argument("--vae-weights", choices=("f16", "bf16"),
+                      help="the VAE's convolution weights: f16 (default, as sd-cli) or bf16 (CPU: BF16 matmuls, "
+                           "faster where the CPU has AVX512-BF16)")
     ours.add_argument("--backend", default="auto", choices=("auto", "cpu", "vulkan"), help="compute backend")
     ours.add_argument("--device", help="Vulkan device index or name")
     ours.add_argument("--prompt-file", type=Path,
@@ -248,10 +251,10 @@ def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
         device = int(device)
     picked = {"wtype": args.wtype, "upcast": args.upcast, "upcast_type": args.upcast_type, "repack": args.repack,
               "tensor_type_rules": args.tensor_type_rules, "rng": args.rng, "sampler_rng": args.sampler_rng,
-              "lora_apply_mode": args.lora_apply_mode}
+              "lora_apply_mode": args.lora_apply_mode, "vae_weights": args.vae_weights}
     out: dict[str, Any] = {k: v if v is not None else stored.get(k) for k, v in picked.items()}
     for k, default in (("upcast", "auto"), ("upcast_type", "auto"), ("repack", "auto"), ("rng", "cuda"),
-                       ("lora_apply_mode", "auto")):
+                       ("lora_apply_mode", "auto"), ("vae_weights", "f16")):
         out[k] = out[k] or default
     flags = {"flash_attn": args.fa, "diffusion_flash_attn": args.diffusion_fa, "vae_conv_direct": args.vae_conv_direct,
              "diffusion_conv_direct": args.diffusion_conv_direct}
