@@ -39,12 +39,12 @@ def main(spec_path: str) -> None:
         per_step = []   # the engine's own time of each sampling step
         latent = pipe.denoise(cond, progress=lambda i, n, sec, per_step=per_step: i > 0 and per_step.append(round(sec, 4)), **item)
         t1 = time.perf_counter()
-        image = pipe.decode(latent)
-        decode_s = time.perf_counter() - t1
+        image = pipe.decode(latent) if spec.get("decode", True) else None
+        decode_s = time.perf_counter() - t1 if image is not None else None
         row = {**item, "seed": latent.seed, "denoise_s": latent.info["denoise_s"], "decode_s": decode_s,
                "step_s": latent.info["denoise_s"] / item.get("steps", 1), "steps_s": per_step,
                "cache": latent.info["cache"]}
-        if out is not None:
+        if out is not None and image is not None:
             out.mkdir(parents=True, exist_ok=True)
             path = out / f"{spec.get('tag', 'img')}-{n:02d}.png"
             image.save(path)

@@ -23,6 +23,11 @@ CACHE_STEPS = {"z-image-turbo": 8, "flux2-klein": 4}
 CACHE_MODES = ("easycache", "dbcache", "taylorseer", "cache-dit", "spectrum")
 LORA_RANK = 32
 PARTS = ("lora", "cache", "upscale")
+# how the LoRA sets run: at run time on the file's weights (Q4_K: repacked), at run time on the
+# DiT expanded to BF16, and merged into the weights (repack off: the policy expands Q4_K to BF16)
+LORA_MODES = {"runtime": ("at_runtime", {}),
+              "runtime-bf16": ("at_runtime", {"upcast": "diffusion", "upcast_type": "bf16"}),
+              "merged": ("immediately", {"lora_apply_mode": "immediately", "repack": "none"})}
 
 
 def loras(family: str, size: str, n: int) -> list[list[Any]]:
@@ -62,21 +67,23 @@ def lora_rows(family: str, size: str, files: dict[str, Any], base: dict[str, Any
     lora_items = [("none", {}), ("1 LoRA", {"loras": one}), ("1 LoRA again", {"loras": one}),
                   ("3 LoRAs", {"loras": three}), ("3 LoRAs again", {"loras": three}), ("none again", {})]
     rows: list[dict[str, Any]] = []
-    for mode, context in (("at_runtime", {}), ("immediately", {"lora_apply_mode": "immediately", "repack": "none"})):
+    for name in getattr(args, "parity_lora_modes", ",".join(LORA_MODES)).split(","):
+        mode, context = LORA_MODES[name]
         spec = {"files": files, "context": {"n_threads": args.threads, "lora_apply_mode": mode, **context},
-                "prompt": PROMPT, "items": [{**base, **extra} for _, extra in lora_items], "tag": f"lora-{mode}"}
-        r = run_spec(spec, work, f"{family}-lora-{mode}")
+                "prompt": PROMPT, "items": [{**base, **extra} for _, extra in lora_items], "tag": f"lora-{name}",
+                "decode": False}
+        r = run_spec(spec, work, f"{family}-lora-{name}")
         for (label, _), item in zip(lora_items, r.report["items"], strict=True):
-            rows.append({"part": "lora", "apply": mode, "label": label, "load_s": round(r.report["load_s"], 2),
+            rows.append({"part": "lora", "apply": name, "label": label, "load_s": round(r.report["load_s"], 2),
                          "denoise_s": round(item["denoise_s"], 3), "step_s": round(item["step_s"], 3),
-                         "peak_rss_mb": round(r.peak_rss_mb)})
+                         "peak_rss_mb": round(r.peak_rss_mb), "expanded": r.report["upcast"]})
     return rows
 
 
 def cache_rows(family: str, files: dict[str, Any], base: dict[str, Any], args: Any, work: Path) -> list[dict[str, Any]]:
     steps = CACHE_STEPS.get(family, 4)
     cache_items = [("none", {})] + [(m, {"cache_mode": m}) for m in CACHE_MODES]
-    spec = {"files": files, "context": {"n_threads": args.threads}, "prompt": PROMPT, "tag": "cache",
+    spec = {"files": files, "context": {"n_threads": args.threads}, "prompt": PROMPT, "tag": "cache", "decode": False,
             "items": [{**base, "steps": steps, **extra} for _, extra in cache_items]}
     r = run_spec(spec, work, f"{family}-cache")
     return [{"part": "cache", "label": label, "steps": steps, "denoise_s": round(item["denoise_s"], 3),

@@ -72,6 +72,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--parity-dit", default="q4_k", help="parity: the DiT file's weight type (default q4_k, the "
                     "articles' files; q4_0, q8_0, bf16, ...)")
     ap.add_argument("--parity-parts", default=",".join(parity.PARTS), help="parity: comma list of lora, cache, upscale")
+    ap.add_argument("--parity-lora-modes", default=",".join(parity.LORA_MODES),
+                    help="parity: LoRA sets to run (runtime: on the file's weights; runtime-bf16: on the DiT "
+                         "expanded to BF16; merged: lora_apply_mode immediately)")
     ap.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<stamp>)")
     a = ap.parse_args(argv)
     if a.baseline_library is not None and not a.baseline_library.is_file():

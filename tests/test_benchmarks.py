@@ -126,8 +126,10 @@ def test_run_quick(tmp_path):
     assert "## Sweeps" in summary
     for res in data["parity"]:    # LoRAs in both apply modes, every DiT step cache, in one process each
         lora = [(r["apply"], r["label"]) for r in res["rows"] if r["part"] == "lora"]
-        assert [label for mode, label in lora if mode == "immediately"] == [label for _, label in lora[:6]]
-        assert {mode for mode, _ in lora} == {"at_runtime", "immediately"}
+        for apply in ("runtime", "runtime-bf16", "merged"):    # on the file's weights, expanded, merged
+            assert [label for mode, label in lora if mode == apply] == [label for _, label in lora[:6]]
+        assert {mode for mode, _ in lora} == {"runtime", "runtime-bf16", "merged"}
+        assert all("diffusion" in r["expanded"] for r in res["rows"] if r.get("apply") == "runtime-bf16")
         cache = {r["label"]: r for r in res["rows"] if r["part"] == "cache"}
         assert set(cache) == {"none", "easycache", "dbcache", "taylorseer", "cache-dit", "spectrum"}
         assert cache["none"]["skipped"] == 0 and any(r["skipped"] > 0 for r in cache.values())
