@@ -250,9 +250,6 @@ class Engine(Owner):
         if not isinstance(owner, Engine):
             raise InvalidArgumentError("an isolated pipeline's text encoder lives in its own process: "
                                        "it cannot be shared")
-        if self.merges_loras or owner.merges_loras:
-            raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the text encoder's "
-                                       "weights, which a shared encoder would pass on to the other pipeline")
 
         def share(ctx: SdCtx) -> None:
             check(lib.sdcpp_share_encoder(owner._ptr(), ctx), ModelLoadError)

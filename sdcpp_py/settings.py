@@ -141,7 +141,7 @@ class ContextSettings:
         for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
-        object.__setattr__(self, "vae_weights", _choice("vae_weights", self.vae_weights, ("f16", "bf16")))
+        object.__setattr__(self, "vae_weights", _choice("vae_weights", self.vae_weights or "f16", ("f16", "bf16")))
         if self.vae_weights == "bf16" and self.vae_conv_direct:
             raise InvalidArgumentError("vae_weights='bf16' runs the VAE's convolutions as im2col + BF16 matmuls; "
                                        "ggml's direct convolution (vae_conv_direct) takes F16 or F32 weights only")
