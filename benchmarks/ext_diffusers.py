@@ -96,9 +96,22 @@ def z_image(spec: dict, dtype: torch.dtype):
     caption = torch.randn(spec["text_tokens"], 2560, generator=g, dtype=dtype)
     img = (spec["width"] // 16) * (spec["height"] // 16)
 
+    controlnet = None
+    if spec.get("controlnet"):        # a ControlNet Union of the published layout ("1.0" | "2.1"), random
+        from diffusers import ZImageControlNetModel
+        v1 = spec["controlnet"] == "1.0"
+        config = {"control_layers_places": list(range(0, 30, 5 if v1 else 2)),
+                  "control_refiner_layers_places": [0, 1], "control_in_dim": 16 if v1 else 33,
+                  "add_control_noise_refiner": None if v1 else "control_noise_refiner"}
+        controlnet = ZImageControlNetModel.from_transformer(_random_model(ZImageControlNetModel, config, dtype), model)
+        control = torch.randn(config["control_in_dim"], 1, spec["height"] // 8, spec["width"] // 8, generator=g,
+                              dtype=dtype)
+
     def step(i: int) -> None:
-        model([latent], torch.tensor([1.0 - 0.1 * i], dtype=dtype), [caption], return_dict=False)
-    return model, step, img + spec["text_tokens"]
+        t = torch.tensor([1.0 - 0.1 * i], dtype=dtype)
+        samples = None if controlnet is None else controlnet([latent], t, [caption], [control], conditioning_scale=0.75)
+        model([latent], t, [caption], controlnet_block_samples=samples, return_dict=False)
+    return (model if controlnet is None else torch.nn.ModuleList([model, controlnet])), step, img + spec["text_tokens"]
 
 
 def transformer(spec: dict) -> dict:

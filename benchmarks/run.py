@@ -71,7 +71,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=8, help="guide: seeds per orientation")
     ap.add_argument("--parity-dit", default="q4_k", help="parity: the DiT file's weight type (default q4_k, the "
                     "articles' files; q4_0, q8_0, bf16, ...)")
-    ap.add_argument("--parity-parts", default=",".join(parity.PARTS), help="parity: comma list of lora, cache, upscale")
+    ap.add_argument("--parity-parts", default=",".join(parity.PARTS),
+                    help="parity: comma list of lora, cache, upscale, controlnet")
+    ap.add_argument("--parity-control-sizes", default="512x512,1024x1024",
+                    help="parity: the ControlNet rows' sizes (BF16: the first only)")
+    ap.add_argument("--parity-control-dits", default=",".join(parity.CONTROL_DITS),
+                    help="parity: the ControlNet rows' weights: q4_k (the files', repacked), bf16 (expanded)")
     ap.add_argument("--parity-lora-modes", default=",".join(parity.LORA_MODES),
                     help="parity: LoRA sets to run (runtime: on the file's weights; runtime-bf16: on the DiT "
                          "expanded to BF16; merged: lora_apply_mode immediately)")
@@ -174,10 +179,11 @@ def main(argv: list[str]) -> int:
     if "parity" in suites:
         md.append("## Engine parity: LoRAs, step caches, upscaling")
         parts = args.parity_parts.split(",")
-        for fam in args.knob_families.split(",") if {"lora", "cache"} & set(parts) else ():
+        for fam in args.knob_families.split(",") if {"lora", "cache", "controlnet"} & set(parts) else ():
             res = parity.run(fam, models(fam, args.parity_dit), args, work / "parity", parts)
             results.setdefault("parity", []).append(res)
-            md += parity.markdown(res)
+            md += parity.markdown(res) if res["rows"] else []
+            md += parity.controlnet_markdown(res["controlnet"]) if res["controlnet"] else []
             write_json(out / "results.json", results)
         if "upscale" in parts:
             results["upscale"] = parity.upscale(args, work / "parity")

@@ -90,6 +90,7 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
     "prompt": _at("prompt", _text), "negative_prompt": _at("negative_prompt", _text),
     "width": _at("width"), "height": _at("height"), "seed": _at("seed"), "batch_count": _at("batch_count"),
     "strength": _at("strength"), "steps": _at("sample_params.sample_steps"),
+    "control_strength": _at("control_strength"),
     "cfg_scale": _at("sample_params.guidance.txt_cfg"), "guidance": _at("sample_params.guidance.distilled_guidance"),
     "sampler": _at("sample_params.sample_method", lambda v, _: lib.str_to_sample_method(v.encode())),
     "scheduler": _at("sample_params.scheduler", lambda v, _: lib.str_to_scheduler(v.encode())),
@@ -114,7 +115,8 @@ SETTERS: dict[str, Callable[[CStruct, Any, Keep], None]] = {
 
 
 def image_params(s: GenerationSettings, *, init_image: ImageLike | None = None,
-                 ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None) -> tuple[CStruct, Keep]:
+                 ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None,
+                 control_image: ImageLike | None = None) -> tuple[CStruct, Keep]:
     """An ``sd_img_gen_params_t*`` for the request (``sd_img_gen_params_init`` first)."""
     params = ffi.new("sd_img_gen_params_t*")
     lib.sd_img_gen_params_init(params)
@@ -129,6 +131,8 @@ def image_params(s: GenerationSettings, *, init_image: ImageLike | None = None,
         keep.append(fill_image(params.init_image, init_image))
     if mask is not None:
         keep.append(fill_image(params.mask_image, mask, channels=1))
+    if control_image is not None:
+        keep.append(fill_image(params.control_image, control_image))
     if ref_images:
         refs = ffi.new("sd_image_t[]", len(ref_images))
         keep.append(refs)

@@ -1,4 +1,4 @@
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The stable-diffusion.cpp source this package is built from (vendor/pin.json).
 ENGINE_VERSION = "master-596-90e87bc"

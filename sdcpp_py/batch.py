@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from . import backends
 from ._images import open_image
 from ._version import __version__
@@ -106,20 +108,24 @@ class RowWorker:
             if row.model != rows[0].model:
                 raise InvalidArgumentError("a work unit holds rows of one model set")
             p = dict(row.params)
-            init, mask = p.pop("init_image", None), p.pop("mask", None)
+            init, mask, control = p.pop("init_image", None), p.pop("mask", None), p.pop("control_image", None)
             refs = p.pop("ref_images", ())
             start = time.perf_counter()
             s = pipe.settings_for(**p)
             init_image = open_image(init) if init else None
             ref_images = [open_image(r) for r in refs]
             misses = pipe.encodings.info().misses
+            control_image = open_image(control, "control_image") if control else None
+            if control_image is not None and control_image.size != (s.width, s.height):
+                control_image = control_image.resize((s.width, s.height), Image.Resampling.LANCZOS)
             item = next(pipe.images(s, init_image=init_image, ref_images=ref_images,
-                                    mask=open_image(mask, "mask", "L") if mask else None))
+                                    mask=open_image(mask, "mask", "L") if mask else None, control_image=control_image))
             if pipe.encodings.info().misses == misses:      # the prompt's encoding came from the cache
                 item.timings["encode_s"] = 0.0
             if weights is None:
                 weights = pipe.weights
-            png = png_bytes(item.image, image_parameters(pipe, item.settings, item.seed, weights))
+            png = png_bytes(item.image, image_parameters(pipe, item.settings, item.seed, weights,
+                                                         control=control_image is not None))
             record = self._record(row, item.settings.to_dict(), item.timings, time.perf_counter() - start, weights)
             yield RowOutput(row.row_id, png, record)
 

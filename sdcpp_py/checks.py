@@ -41,6 +41,54 @@ def check_taesd(path: Path | None) -> Path:
 
 
 @dataclass(frozen=True)
+class ControlNetInfo:
+    """A ControlNet Union file's sizes, from its header."""
+
+    path: Path
+    channels: int      # control channels: 16 (1.0: the control latent) or 33 (2.x: + mask, inpaint latent)
+    width: int         # the DiT width it was made for
+    layers: int        # control blocks
+
+
+def check_controlnet(path: Path, family: str) -> ControlNetInfo:
+    """A Z-Image-Turbo Fun ControlNet Union file (safetensors or GGUF, diffusers' tensor names) for
+    a Z-Image pipeline; the engine checks it against the DiT's sizes when it loads it."""
+    f = inspect(path)
+    embedder = f.tensors.get("control_all_x_embedder.2-1.weight")
+    if embedder is None or len(embedder.shape) != 2 or f.count_blocks("control_layers.") == 0:
+        what = "a ControlNet of another family (SD's control_model)" if f.find("input_hint_block.0.weight") else \
+            "not a ControlNet Union file"
+        raise IncompatibleModelError(f"{path}: {what}; a Z-Image ControlNet Union holds "
+                                     "control_all_x_embedder.2-1.weight and control_layers.N")
+    if family != Z_IMAGE:
+        raise IncompatibleModelError(f"{path}: a Z-Image ControlNet Union runs beside a Z-Image DiT; this "
+                                     f"pipeline's model is {family}")
+    width, patch_channels = embedder.shape
+    if patch_channels % 4:
+        raise IncompatibleModelError(f"{path}: control_all_x_embedder.2-1.weight is {embedder.shape}, not "
+                                     "(width, 4 x control channels)")
+    return ControlNetInfo(path, patch_channels // 4, width, f.count_blocks("control_layers."))
+
+
+def check_control_latent(control: Latent, s: GenerationSettings, channels: int, with_refs: bool) -> None:
+    """A control latent (``Pipeline.encode_control``) for a request of this size and a ControlNet
+    taking ``channels`` control channels."""
+    if not isinstance(control, Latent):
+        raise TypeError(f"control must be a Latent (Pipeline.encode_control), not {type(control).__name__}")
+    data = control.data
+    if data.ndim != 4 or data.shape[0] != 1 or not 1 <= data.shape[1] <= channels or data.dtype.kind != "f":
+        raise InvalidArgumentError(f"a control latent is a float array (1, C <= {channels}, h, w), not "
+                                   f"{data.dtype} {tuple(data.shape)}")
+    if (control.width, control.height) != (s.width, s.height):
+        raise InvalidArgumentError(f"the control latent is for {control.width}x{control.height}, the request "
+                                   f"{s.width}x{s.height}")
+    if not np.isfinite(data).all():
+        raise InvalidArgumentError("the control latent holds NaN or infinite values")
+    if with_refs:
+        raise InvalidArgumentError("the Z-Image ControlNet does not run with reference images")
+
+
+@dataclass(frozen=True)
 class LoraInfo:
     """What a LoRA file changes: the text encoder, the diffusion model (or both)."""
 

@@ -190,6 +190,24 @@ class Engine(Owner):
     def release(self, component: int) -> None:
         self.run(lambda ctx: self._release(ctx, component))
 
+    def load_controlnet(self, path: str | None) -> dict[str, str]:
+        """Load a Z-Image ControlNet Union file beside the DiT, replacing one loaded before (None:
+        drop it); returns :meth:`controlnet`'s description."""
+        def load(ctx: SdCtx) -> dict[str, str]:
+            self._native(lib.sdcpp_control_net, (path or "").encode(), error=ModelLoadError)
+            return self._controlnet(ctx)
+        return self.run(load)
+
+    def controlnet(self) -> dict[str, str]:
+        """The loaded ControlNet: variant, channels, layers, refiner, bytes ({} when none)."""
+        return self.run(self._controlnet)
+
+    @staticmethod
+    def _controlnet(ctx: SdCtx) -> dict[str, str]:
+        text = ffi.new("char[]", 256)
+        check(lib.sdcpp_control_net_info(ctx, text, 256))
+        return dict(item.split("=", 1) for item in ffi.string(text).decode().split(",") if item)
+
     def _release(self, ctx: SdCtx, component: int) -> None:
         if lib.sdcpp_component_loaded(ctx, component):
             self._native(lib.sdcpp_component_release, component, error=ModelLoadError)
@@ -279,6 +297,7 @@ class Engine(Owner):
 
     def generate(self, s: GenerationSettings, init_image: ImageLike | None = None,
                  ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None, *,
+                 control_image: ImageLike | None = None,
                  progress: ProgressFn | None = None,
                  preview: Preview | None = None,
                  token: CancelToken | None = None) -> tuple[list[Image.Image], float, dict[str, str], dict[str, int]]:
@@ -287,7 +306,8 @@ class Engine(Owner):
         def generate(ctx: SdCtx) -> tuple[list[Image.Image], float, dict[str, str], dict[str, int]]:
             self._ensure(ctx, ENCODER)
             self._ensure(ctx, DIFFUSION)
-            params, keep = image_params(s, init_image=init_image, ref_images=ref_images, mask=mask)
+            params, keep = image_params(s, init_image=init_image, ref_images=ref_images, mask=mask,
+                                        control_image=control_image)
             out = ffi.new("sd_image_t**")
 
             def free() -> None:
@@ -327,21 +347,24 @@ class Engine(Owner):
 
     def denoise(self, s: GenerationSettings, condition: Parts, init_latent: np.ndarray | None = None,
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (),
-                mask: Image.Image | None = None, *,
+                mask: Image.Image | None = None, *, control: np.ndarray | None = None,
                 progress: ProgressFn | None = None, preview: Preview | None = None,
                 token: CancelToken | None = None) -> tuple[np.ndarray, float, dict[str, int]]:
-        """Conditioning (+ init latent, + noise) to one latent, the seconds and what a step cache skipped."""
+        """Conditioning (+ init latent, + noise, + a ControlNet's control latent) to one latent,
+        the seconds and what a step cache skipped."""
         def denoise(ctx: SdCtx) -> tuple[np.ndarray, float, dict[str, int]]:
             self._ensure(ctx, DIFFUSION)
             params, keep = image_params(s, ref_images=ref_images, mask=mask)
             cond = TensorViews(condition)
             init = TensorViews([((0, "latent", 0), init_latent)]) if init_latent is not None else None
             noise_views = TensorViews([((0, "noise", 0), noise)]) if noise is not None else None
+            control_view = TensorViews([((0, "control", 0), control)]) if control is not None else None
             out = ffi.new("sdcpp_result_t**")
             with capture() as log, self._lora_weights(ctx, s.loras):
                 seconds = self._native(lib.sdcpp_denoise, params, cond.first, cond.count,
                                        init.first if init else ffi.NULL,
-                                       noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0, out,
+                                       noise_views.first if noise_views else ffi.NULL, 1 if noise_views else 0,
+                                       control_view.first if control_view else ffi.NULL, out,
                                        progress=progress, preview=preview,
                                        cleanup=lambda: lib.sdcpp_result_free(out[0]))
             (_, data), = read_result(out[0])
@@ -423,3 +446,14 @@ def convert(src: Path, vae: Path | None, out: Path, *, wtype: str | None, rules:
         state.raise_error()
         return bool(ok), log.errors()
     return thread.run(run)
+
+
+def canny(image: ImageLike, *, high: float = 0.08, low: float = 0.08, weak: float = 0.8, strong: float = 1.0,
+          inverse: bool = False) -> Image.Image:
+    """The engine's Canny edge preprocessor (sd-cli's ``--canny``, its thresholds by default) on an RGB
+    copy of ``image``: white edges on black. A pure function of the image (any thread)."""
+    struct = ffi.new("sd_image_t*")
+    rgb, buf = fill_image(struct[0], image)
+    if not lib.preprocess_canny(struct[0], high, low, weak, strong, inverse):
+        raise GenerationError("the Canny preprocessor failed")
+    return Image.fromarray(rgb.copy())

@@ -42,7 +42,7 @@ from .fileid import file_hash
 from .modelset import ModelSet, absolute, content, model_set
 from .settings import lora_pairs, parse_request, parse_size, request, request_fields, seed_range
 
-IMAGE_KEYS = ("init_image", "mask", "ref_images")      # file paths
+IMAGE_KEYS = ("init_image", "mask", "ref_images", "control_image")      # file paths
 LIST_VALUED = ("sigmas", "ref_images", "loras")   # lists as values: a list of lists sweeps them
 MAX_SEED = 2**63 - 1
 MAX_ROWS = 1_000_000
@@ -96,7 +96,7 @@ def row_id(models: Mapping[str, ModelSet], model: str, params: Mapping[str, Any]
     keyed = dict(params)
     if "loras" in keyed:
         keyed["loras"] = [[content(p), w] for p, w in keyed["loras"]]
-    for key in ("init_image", "mask"):
+    for key in ("init_image", "mask", "control_image"):
         if key in keyed:
             keyed[key] = _image_identity(keyed[key])
     if "ref_images" in keyed:
@@ -207,7 +207,7 @@ def make_rows(models: Mapping[str, ModelSet], entries: Iterable[tuple[str, Mappi
             if "width" in params or "height" in params:
                 raise InvalidArgumentError("give size or width/height, not both")
             params["width"], params["height"] = parse_size(params.pop("size"))
-        for key in ("init_image", "mask"):
+        for key in ("init_image", "mask", "control_image"):
             if key in params:
                 params[key] = absolute(params[key], base)
         if "loras" in params:                      # "file:weight" strings or [file, weight] pairs

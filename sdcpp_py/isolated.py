@@ -127,7 +127,8 @@ def _child_main() -> None:
 
 # the Engine methods a worker serves
 _CALLS = frozenset({"open", "close", "loaded", "weight_bytes", "all_buffers", "release", "default_method",
-                    "count_tokens", "generate", "encode", "denoise", "decode", "encode_image"})
+                    "count_tokens", "generate", "encode", "denoise", "decode", "encode_image", "load_controlnet",
+                    "controlnet"})
 
 
 def _serve(conn: Connection, kwargs: dict[str, Any], log_path: str) -> None:
@@ -422,6 +423,12 @@ class IsolatedEngine:
 
     def release(self, component: int) -> None:
         self._call("release", component)
+
+    def load_controlnet(self, path: str | None) -> dict[str, str]:
+        return _reply_as(dict, self._call("load_controlnet", path))
+
+    def controlnet(self) -> dict[str, str]:
+        return _reply_as(dict, self._call("controlnet"))
 
     def borrow_encoder(self, owner: Any) -> None:
         raise InvalidArgumentError("isolated pipelines cannot share a text encoder (each has its own process)")

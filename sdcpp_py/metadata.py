@@ -73,6 +73,8 @@ class ImageParameters:
             items.append(f"Unet: {self.models['diffusion_model']}")
         if "vae" in self.models:
             items.append(f"VAE: {self.models['vae']}")
+        if "controlnet" in self.models:
+            items.append(f"ControlNet: {self.models['controlnet']}, Control strength: {_f(s.control_strength)}")
         items += [f"{role} hash: {h}" for role, h in self.hashes.items()]
         items.append("Version: stable-diffusion.cpp")
         lines.append(", ".join(items) + ", SDCPP: " + json.dumps(self.to_json(), separators=(",", ":")))
@@ -203,9 +205,12 @@ def png_bytes(image: Image.Image, parameters: ImageParameters | None) -> bytes:
 
 
 def image_parameters(pipe: Any, settings: GenerationSettings, seed: int, weights: dict[str, Any] | None = None,
-                     *, hashes: bool = True) -> ImageParameters:
-    """The parameters of one image a Pipeline made with ``settings`` and ``seed``."""
-    paths: dict[str, Path | None] = pipe.paths
+                     *, hashes: bool = True, control: bool = False) -> ImageParameters:
+    """The parameters of one image a Pipeline made with ``settings`` and ``seed`` (``control``: and
+    its ControlNet, whose file joins the models)."""
+    paths: dict[str, Path | None] = dict(pipe.paths)
+    if control and getattr(pipe, "controlnet", None) is not None:
+        paths["controlnet"] = pipe.controlnet.path
     models = {role: p.name for role, p in paths.items() if p is not None}
     digests = {role: file_hash(p) for role, p in paths.items() if p is not None} if hashes else {}
     if hashes:

@@ -15,7 +15,7 @@ from .fileid import identity
 from .presets import get_preset
 from .settings import ContextSettings
 
-MODEL_FILES = ("model", "diffusion_model", "llm", "vae", "taesd")
+MODEL_FILES = ("model", "diffusion_model", "llm", "vae", "taesd", "controlnet")
 
 
 @dataclass(frozen=True)

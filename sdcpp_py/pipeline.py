@@ -27,12 +27,14 @@ from .cache import EncodingCache
 from .checks import (
     LoraInfo,
     check_conditioning,
+    check_control_latent,
     check_latent,
     check_lora,
     check_ref_images,
     check_schedule,
     check_taesd,
 )
+from .controlnet import ControlNetPart, as_control_image
 from .engine import Engine
 from .errors import ClosedError, IncompatibleModelError, InvalidArgumentError
 from .families import FLUX2_DEV, FLUX2_KLEIN, Z_IMAGE, Components, check_components
@@ -81,7 +83,7 @@ class Pipeline:
                  llm: PathLike | None = None, vae: PathLike | None = None, taesd: PathLike | None = None,
                  settings: ContextSettings | None = None, preset: str | Preset | None = None,
                  cache_size: int = 16, share_encoder_with: Pipeline | None = None,
-                 isolate: bool = False, **settings_kwargs: Any) -> None:
+                 isolate: bool = False, controlnet: PathLike | None = None, **settings_kwargs: Any) -> None:
         if settings is not None and settings_kwargs:
             raise TypeError("give settings= or setting keywords, not both")
         self.settings = settings if settings is not None else ContextSettings(**settings_kwargs)
@@ -112,6 +114,9 @@ class Pipeline:
         self.engine = (IsolatedEngine if isolate else Engine)(
             self.paths, release_encoder=self.settings.release_encoder,
             release_diffusion=self.settings.release_diffusion)
+        self.controlnet: ControlNetPart | None = None
+        if controlnet is not None:   # checked now, loaded when a control image first needs it
+            self.controlnet = ControlNetPart(self.engine, Path(controlnet), self.family)
         if share_encoder_with is None:
             self._open()
         else:
@@ -248,6 +253,55 @@ class Pipeline:
     def shares_encoder(self) -> bool:
         return self.engine.sharing
 
+    def load_controlnet(self, path: PathLike | None) -> dict[str, str]:
+        """Use this ControlNet Union file (None: none), freeing the one loaded before; it loads now.
+        Returns the engine's description (variant, channels, layers, bytes)."""
+        self._require_open()
+        if self.controlnet is not None:
+            self.controlnet.release()
+            self.controlnet = None
+        if path is None:
+            return {}
+        part = ControlNetPart(self.engine, Path(path), self.family)
+        info = part.ensure()
+        self.controlnet = part
+        return info
+
+    def release_controlnet(self) -> None:
+        """Free the ControlNet's weights (read again from its file when a control image next needs them)."""
+        if self.controlnet is not None:
+            self.controlnet.release()
+
+    @property
+    def controlnet_loaded(self) -> dict[str, str]:
+        """The loaded ControlNet as the engine describes it ({} when none is loaded)."""
+        return self.controlnet.loaded() if self.controlnet is not None else {}
+
+    def _controlnet_part(self) -> ControlNetPart:
+        if self.controlnet is None:
+            raise InvalidArgumentError("a control image needs a ControlNet: Pipeline(controlnet=...) or "
+                                       "load_controlnet()")
+        if not self.components.vae_has_encoder:
+            raise InvalidArgumentError("a control image goes through the VAE encoder, which this VAE file lacks")
+        return self.controlnet
+
+    def encode_control(self, image: ImageLike, *, width: int | None = None, height: int | None = None,
+                       mask: ImageLike | None = None, init_image: ImageLike | None = None, seed: int = 0,
+                       cancel: CancelToken | None = None) -> Latent:
+        """A control image to the control latent the ControlNet takes, once for many denoise() calls
+        (of this size). ``mask`` and ``init_image`` (inpainting, 2.x ControlNets): their channels too."""
+        part = self._controlnet_part()
+        pil = as_control_image(image)
+        w, h = width or pil.width, height or pil.height
+        pil = as_control_image(pil, (w, h))
+        init_pil, _, pil_mask = prepare(w, h, init_image, (), mask=mask)
+        s = request(prompt="", width=w, height=h, seed=resolve_seed(seed))
+
+        def encode(im: Image.Image) -> Latent:
+            return Latent(self.engine.encode_image(s, im, token=cancel), self.family,
+                          LATENT_SCALE.get(self.family, 8), s.seed)
+        return part.control_latent(encode, pil, mask=pil_mask, init_image=init_pil)
+
     # -- the request -------------------------------------------------------------------------
     def settings_for(self, prompt: str, **overrides: Any) -> GenerationSettings:
         """The request a call with these keywords makes (any :class:`GenerationSettings` field;
@@ -323,7 +377,8 @@ class Pipeline:
 
     # -- one-shot generation -----------------------------------------------------------------
     def generate(self, prompt: str, *, init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
-                 mask: ImageLike | None = None, progress: ProgressFn | None = None, preview: Preview | None = None,
+                 mask: ImageLike | None = None, control_image: ImageLike | None = None,
+                 progress: ProgressFn | None = None, preview: Preview | None = None,
                  cancel: CancelToken | None = None, **settings: Any) -> GenerationResult:
         """Text (and optionally an init image, with a ``mask`` to inpaint, or reference images) to
         image in one call. ``mask``: one channel, the init image's size; white regenerates.
@@ -331,16 +386,21 @@ class Pipeline:
         ``settings``: any :class:`GenerationSettings` field (``width``, ``steps``, ``seed``, ...);
         unset ones take the preset's defaults, ``seed=None`` draws a random 63-bit seed, reported
         in the result. ``cancel``: a ``threading.Event`` that stops the call when set (it raises
-        :class:`Cancelled`). ``preview``: images during sampling.
+        :class:`Cancelled`). ``preview``: images during sampling. ``control_image``: the
+        ControlNet's guide (an edge, depth or pose map, ...), of the image's size (which it sets when
+        ``width`` and ``height`` are not given), weighted by ``control_strength``.
         """
+        if control_image is not None and settings.get("width") is None and settings.get("height") is None:
+            settings["width"], settings["height"] = as_control_image(control_image).size
         s = self.settings_for(prompt, **settings)
-        return self.generate_with(s, init_image=init_image, ref_images=ref_images, mask=mask, progress=progress,
-                                  preview=preview, cancel=cancel)
+        return self.generate_with(s, init_image=init_image, ref_images=ref_images, mask=mask,
+                                  control_image=control_image, progress=progress, preview=preview, cancel=cancel)
 
     __call__ = generate
 
     def generate_with(self, s: GenerationSettings, *, init_image: ImageLike | None = None,
                       ref_images: Sequence[ImageLike] = (), mask: ImageLike | None = None,
+                      control_image: ImageLike | None = None,
                       progress: ProgressFn | None = None, preview: Preview | None = None,
                       cancel: CancelToken | None = None) -> GenerationResult:
         """Generate a complete request (upstream's generate_image).
@@ -354,17 +414,25 @@ class Pipeline:
         pil_mask = prepare(init_pil.width, init_pil.height, init_pil, (), mask=mask)[2] if init_pil else None
         if mask is not None and init_pil is None:
             raise InvalidArgumentError("a mask needs an init image: it marks what of it to regenerate")
+        control_pil = self._control_image(control_image, s, ref_images)
+        # inpainting with a 2.x ControlNet: its inpainting channels are made in the staged calls
+        inpaint_control = control_pil is not None and pil_mask is not None and self.controlnet is not None \
+            and self.controlnet.channels > 16
         start = time.perf_counter()
         with self.engine.operation(cancel):
             s = self._complete(s)
-            if self.settings.release_diffusion:
+            if self.settings.release_diffusion or inpaint_control:
                 images = [item.image for item in self.images(s, init_image=init_image, ref_images=ref_images,
-                                                             mask=mask, progress=progress, preview=preview)]
+                                                             mask=mask, control_image=control_pil,
+                                                             progress=progress, preview=preview)]
                 buffers = {} if self.closed else self.engine.all_buffers()   # closed by another thread since
                 seconds = time.perf_counter() - start
                 skipped = {}
             else:
+                if control_pil is not None:
+                    self._controlnet_part().ensure()
                 images, seconds, buffers, cache = self.engine.generate(s, init_pil, ref_images, pil_mask,
+                                                                       control_image=control_pil,
                                                                        progress=progress, preview=preview,
                                                                        token=cancel)
                 skipped = _skipped(cache)
@@ -373,7 +441,8 @@ class Pipeline:
     # -- staged generation -------------------------------------------------------------------
     def images(self, s: GenerationSettings, *, seeds: Sequence[int] | None = None,
                init_image: ImageLike | None = None, ref_images: Sequence[ImageLike] = (),
-               mask: ImageLike | None = None, progress: ProgressFn | None = None, preview: Preview | None = None,
+               mask: ImageLike | None = None, control_image: ImageLike | None = None,
+               progress: ProgressFn | None = None, preview: Preview | None = None,
                cancel: CancelToken | None = None) -> Iterator[ImageItem]:
         """The staged loop, one image at a time as each is decoded: the prompt encoded once
         (cached), the init image resized to the request's size and encoded once (seeded with the
@@ -384,23 +453,30 @@ class Pipeline:
         seeds = list(seeds) if seeds is not None else s.seeds()
         s = self._complete(s)
         init_pil, refs, pil_mask = prepare(s.width, s.height, init_image, ref_images, s.auto_resize_ref_image, mask)
+        control_pil = self._control_image(control_image, s, ref_images)
         start = time.perf_counter()
         cond = self.encode(s.prompt, s.negative_prompt if s.cfg_scale != 1.0 else None, loras=s.loras, cancel=cancel)
         encode_s = time.perf_counter() - start
         if s.hires:      # the second pass runs inside generate_image: one call per image
             for seed in seeds:
                 t0 = time.perf_counter()
+                if control_pil is not None:
+                    self._controlnet_part().ensure()
                 images, seconds, _, cache = self.engine.generate(s.one(seed), init_pil, refs, pil_mask,
+                                                                 control_image=control_pil,
                                                                  progress=progress, preview=preview, token=cancel)
                 yield ImageItem(images[0], s.one(seed), None, {"encode_s": 0.0, "denoise_s": seconds,
                                                                "decode_s": 0.0, **_skipped(cache)})
             return
         init = None if init_pil is None else self.encode_image(init_pil, seed=seeds[0], width=s.width,
                                                                height=s.height, cancel=cancel)
+        control = None if control_pil is None else self.encode_control(
+            control_pil, width=s.width, height=s.height, mask=pil_mask, init_image=init_pil, seed=seeds[0],
+            cancel=cancel)
         for i, seed in enumerate(seeds):
             one = s.one(seed)
-            latent = self._denoise(cond, one, init_latent=init, ref_images=refs, mask=pil_mask, progress=progress,
-                                   preview=preview, cancel=cancel)
+            latent = self._denoise(cond, one, init_latent=init, ref_images=refs, mask=pil_mask, control=control,
+                                   progress=progress, preview=preview, cancel=cancel)
             t0 = time.perf_counter()
             image = self._decode(latent, s, cancel)
             timings = {"encode_s": encode_s if i == 0 else 0.0, "denoise_s": latent.info["denoise_s"],
@@ -459,11 +535,12 @@ class Pipeline:
 
     def denoise(self, conditioning: Conditioning, *, init_latent: Latent | None = None,
                 noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (), mask: ImageLike | None = None,
-                progress: ProgressFn | None = None, preview: Preview | None = None,
+                control: Latent | None = None, progress: ProgressFn | None = None, preview: Preview | None = None,
                 cancel: CancelToken | None = None, **settings: Any) -> Latent:
         """Sample one latent from a conditioning, as generate() samples it for the same seed.
         ``settings``: :class:`GenerationSettings` fields, as for generate(); ``mask`` (with
-        ``init_latent``, of its pixel size): white regenerates, black keeps the init latent."""
+        ``init_latent``, of its pixel size): white regenerates, black keeps the init latent.
+        ``control``: a control latent (:meth:`encode_control`) of the request's size."""
         check_conditioning(conditioning, self.family, self.components.dit_context_dim)
         if conditioning.encoder != self.encoder_id:
             logger.warning("conditioning comes from another text encoder (%s)", conditioning.encoder)
@@ -476,13 +553,16 @@ class Pipeline:
             raise InvalidArgumentError("a mask needs an init latent: it marks what of it to regenerate")
         pil_mask = as_mask(mask, (s.width, s.height)) if mask is not None else None
         return self._denoise(conditioning, s, init_latent=init_latent, noise=noise, ref_images=ref_images,
-                             mask=pil_mask, progress=progress, preview=preview, cancel=cancel)
+                             mask=pil_mask, control=control, progress=progress, preview=preview, cancel=cancel)
 
     def _denoise(self, conditioning: Conditioning, s: GenerationSettings, *, init_latent: Latent | None = None,
                  noise: np.ndarray | None = None, ref_images: Sequence[ImageLike] = (), mask: Image.Image | None = None,
-                 progress: ProgressFn | None = None, preview: Preview | None = None,
+                 control: Latent | None = None, progress: ProgressFn | None = None, preview: Preview | None = None,
                  cancel: CancelToken | None = None) -> Latent:
         self._check_inputs(None, ref_images)
+        if control is not None:
+            check_control_latent(control, s, self._controlnet_part().channels, bool(ref_images))
+            self._controlnet_part().ensure()
         if s.cfg_scale != 1.0 and not conditioning.has_negative:
             raise InvalidArgumentError("cfg_scale != 1 needs a negative encoding: encode(prompt, negative_prompt='')")
         check_ref_images(ref_images)
@@ -494,7 +574,8 @@ class Pipeline:
                 raise InvalidArgumentError("noise holds NaN or infinite values")
         data, seconds, cache = self.engine.denoise(s, list(conditioning.parts.items()),
                                             init_latent.data if init_latent is not None else None, noise,
-                                            list(ref_images), mask, progress=progress, preview=preview, token=cancel)
+                                            list(ref_images), mask, control=None if control is None else control.data,
+                                            progress=progress, preview=preview, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed,
                       {"settings": s, "denoise_s": seconds, "cache": cache})
 
@@ -534,6 +615,18 @@ class Pipeline:
         s = request(prompt="", width=width or pil.width, height=height or pil.height, seed=resolve_seed(seed))
         data = self.engine.encode_image(s, pil, token=cancel)
         return Latent(data, self.family, LATENT_SCALE.get(self.family, 8), s.seed)
+
+    def _control_image(self, image: ImageLike | None, s: GenerationSettings,
+                       ref_images: Sequence[ImageLike]) -> Image.Image | None:
+        if image is None:
+            return None
+        self._controlnet_part()
+        if ref_images:
+            raise InvalidArgumentError("the Z-Image ControlNet does not run with reference images")
+        if s.hires:
+            raise InvalidArgumentError("the Z-Image ControlNet does not run with the hires fix (its second pass "
+                                       "is at another size than the control image)")
+        return as_control_image(image, (s.width, s.height))
 
     def _check_inputs(self, init_image: ImageLike | None, ref_images: Sequence[ImageLike]) -> None:
         if isinstance(ref_images, (Image.Image, np.ndarray)):

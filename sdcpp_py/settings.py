@@ -262,6 +262,7 @@ class GenerationSettings:
     guidance: float | None = None     # distilled guidance; None: engine default
     sigmas: tuple[float, ...] | None = None  # custom schedule (steps + 1 values); overrides steps
     strength: float = 0.75               # img2img: how much of the schedule runs on the init image
+    control_strength: float = 0.9        # a ControlNet's hints are added times this (sd-cli's default)
     vae_tiling: bool = False             # decode in tiles (the engine's default tile size and overlap)
     loras: tuple[tuple[str, float], ...] = ()   # (LoRA file, multiplier) pairs, applied together
     eta: float | None = None             # ancestral samplers' noise (None: the engine's default)
@@ -311,6 +312,7 @@ class GenerationSettings:
         if self.guidance is not None:
             object.__setattr__(self, "guidance", _float("guidance", self.guidance, 0.0, 100.0))
         object.__setattr__(self, "strength", _float("strength", self.strength, 0.0, 1.0))
+        object.__setattr__(self, "control_strength", _float("control_strength", self.control_strength, 0.0, 2.0))
         if not isinstance(self.vae_tiling, bool):
             raise TypeError("vae_tiling must be a bool")
         object.__setattr__(self, "loras", lora_pairs(self.loras))

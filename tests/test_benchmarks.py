@@ -134,5 +134,11 @@ def test_run_quick(tmp_path):
         assert set(cache) == {"none", "easycache", "dbcache", "taylorseer", "cache-dit", "spectrum"}
         assert cache["none"]["skipped"] == 0 and any(r["skipped"] > 0 for r in cache.values())
         assert all(r["denoise_s"] > 0 and r["denoise_vs_none"] > 0 for r in res["rows"])
+        if res["family"] == "z-image-turbo":   # the ControlNet: without and with, on Q4_K and BF16 weights
+            control = res["controlnet"]
+            assert {(r["weights"], r["controlnet"]) for r in control} == {(w, c) for w in ("q4_k", "bf16")
+                                                                          for c in (False, True)}
+            assert all(r["step_s"] > 0 and r["step_vs_plain"] > 0 for r in control)
+            assert all(r["controlnet_mb"] > 0 for r in control if r["controlnet"])
     assert data["upscale"]["output"] == "256x256" and data["upscale"]["peak_rss_mb"] > 0
     assert "## Engine parity" in summary

@@ -174,7 +174,7 @@ def test_png_metadata_info_and_from_png(tiny_sets, sd_cli, tmp_path):
 
 @pytest.mark.parametrize("argv, named", [
     (["--foo", "1"], "--foo"),
-    (["--control-net", "cn.gguf"], "--control-net"),
+    (["--control-net-cpu"], "--control-net-cpu"),
     (["--steps", "three"], "--steps"),
     (["--step", "3"], "--step"),
     (["-M", "vid_gen"], "vid_gen"),

@@ -55,7 +55,7 @@ def test_options_that_do_not_apply_are_refused(pipelines, capsys):
     with pytest.raises(InvalidArgumentError, match="Z-Image DiT skips no layers"):
         pipelines["z-image-turbo"].generate("x", slg_scale=2.0, skip_layers=(3,), **KW)
     for flag, why in (("--timestep-shift", "SDXL-only"), ("--increase-ref-index", "own index"),
-                      ("--canny", "ControlNet"), ("--clip_l", "Qwen3 alone"), ("--fps", "video")):
+                      ("--control-net-cpu", "DiT's graph"), ("--clip_l", "Qwen3 alone"), ("--fps", "video")):
         assert main(["-p", "x", "--diffusion-model", "m.gguf", flag, "1"]) == 2
         assert why in capsys.readouterr().err, flag
     for bad in ({"vae_tile_size": (4,)}, {"vae_tile_overlap": 2.0}, {"eta": -1.0}, {"skip_layers": "7"}):

@@ -292,7 +292,7 @@ SHIM_API int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool
 SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
                            const sdcpp_tensor_t* condition, int n_condition,
                            const sdcpp_tensor_t* init_latent, const sdcpp_tensor_t* noise, int n_noise,
-                           sdcpp_result_t** out) {
+                           const sdcpp_tensor_t* control, sdcpp_result_t** out) {
     return guarded("denoise", [&]() -> int {
         if (!ready(ctx, params, out) || condition == nullptr || n_condition <= 0) {
             return fail_argument("denoise: null argument or empty conditioning");
@@ -338,6 +338,24 @@ SHIM_API int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
         }
         if (noise != nullptr && n_noise != request.batch_count) {
             return fail_argument("denoise: give one noise tensor per image of the batch");
+        }
+        if (control != nullptr) {
+            auto net = sd->z_image_control_net();
+            if (net == nullptr) {
+                return fail_argument("denoise: a control latent needs a loaded Z-Image ControlNet");
+            }
+            sd::Tensor<float> given = to_float_tensor(*control);
+            const auto& want        = latents.init_latent.shape();
+            if (given.dim() < 3 || given.shape()[0] != want[0] || given.shape()[1] != want[1] ||
+                given.shape()[2] > net->net.p.control_in_dim || (given.dim() > 3 && given.shape()[3] != 1)) {
+                return fail_argument("denoise: control latent shape " + sd::tensor_shape_to_string(given.shape()) +
+                                     " does not fit the latent " + sd::tensor_shape_to_string(want) + " and the ControlNet's " +
+                                     std::to_string(net->net.p.control_in_dim) + " control channels");
+            }
+            if (!latents.ref_latents.empty()) {
+                return fail_argument("denoise: the Z-Image ControlNet does not run with reference images");
+            }
+            latents.control_image = std::move(given);
         }
 
         // Step 5 with the caller's conditioning instead of a new encoding.
@@ -745,6 +763,38 @@ SHIM_API int sdcpp_forget_loras(sd_ctx_t* ctx) {
         ctx->sd->cond_stage_lora_models.clear();   // at_runtime LoRAs kept across calls (patches/0013)
         ctx->sd->diffusion_lora_models.clear();
         ctx->sd->first_stage_lora_models.clear();
+        return 0;
+    });
+}
+
+SHIM_API int sdcpp_control_net(sd_ctx_t* ctx, const char* path) {
+    return guarded("control_net", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr) {
+            return fail("control_net: null context");
+        }
+        std::string error;
+        if (!ctx->sd->set_z_image_control_net(path != nullptr ? path : "", &error)) {
+            return fail_argument("control_net: " + error);
+        }
+        return 0;
+    });
+}
+
+SHIM_API int sdcpp_control_net_info(sd_ctx_t* ctx, char* out, size_t size) {
+    return guarded("control_net_info", [&]() -> int {
+        if (ctx == nullptr || ctx->sd == nullptr || out == nullptr || size == 0) {
+            return fail("control_net_info: null argument");
+        }
+        auto net     = ctx->sd->z_image_control_net();
+        std::string text;
+        if (net != nullptr) {
+            const auto& p = net->net.p;
+            const char* variant = p.layout == ZImage::ControlLayout::V1 ? "1.0" : (p.layout == ZImage::ControlLayout::V2_LAYERS ? "2.0" : "2.1");
+            text = std::string("variant=") + variant + ",channels=" + std::to_string(p.control_in_dim) +
+                   ",layers=" + std::to_string(p.num_control) + ",refiner=" + std::to_string(p.num_refiner) +
+                   ",bytes=" + std::to_string(net->get_params_buffer_size());
+        }
+        snprintf(out, size, "%s", text.c_str());
         return 0;
     });
 }

@@ -46,11 +46,14 @@ int sdcpp_encode(sd_ctx_t* ctx, const sd_img_gen_params_t* params, bool with_neg
  * reseeding, flow shift, sigmas, guidance. init_latent (one latent) replaces
  * txt2img's empty latent and params->strength trims the schedule as img2img
  * does; noise (batch_count latents, or NULL) replaces the seeded noise.
- * params->ref_images are encoded as reference latents (FLUX.2 editing). */
+ * params->ref_images are encoded as reference latents (FLUX.2 editing). control (or
+ * NULL): the control latent of a loaded Z-Image ControlNet ([W, H, C] at the latent's size,
+ * C up to the ControlNet's control channels, the rest zero), weighted by
+ * params->control_strength. */
 int sdcpp_denoise(sd_ctx_t* ctx, const sd_img_gen_params_t* params,
                   const sdcpp_tensor_t* condition, int n_condition,
                   const sdcpp_tensor_t* init_latent, const sdcpp_tensor_t* noise, int n_noise,
-                  sdcpp_result_t** out);
+                  const sdcpp_tensor_t* control, sdcpp_result_t** out);
 
 /* Latent -> image (data allocated with malloc: free it with free()). Uses
  * params->vae_tiling_params, width and height. */
@@ -100,6 +103,15 @@ void sdcpp_bf16_convolutions(bool on);
  * weights. Applied at run time: the loaded LoRAs kept for the next call with the same
  * files are dropped (the binding calls this when a file changed under the same path). */
 int sdcpp_forget_loras(sd_ctx_t* ctx);
+
+/* Load a Z-Image ControlNet Union file (1.0, 2.0 or 2.1 layout; safetensors or GGUF) beside
+ * the context's DiT, replacing one loaded before; NULL or "" drops it. -2 with a message for a
+ * file that is not one, or does not fit the DiT. */
+int sdcpp_control_net(sd_ctx_t* ctx, const char* path);
+
+/* The loaded ControlNet as "variant=2.1,channels=33,layers=15,refiner=2,bytes=N" ("" when
+ * none) written into out (size bytes). */
+int sdcpp_control_net_info(sd_ctx_t* ctx, char* out, size_t size);
 
 /* Make borrower's text encoder the owner's (one set of weights in memory for two
  * contexts of LLM-conditioned models built from the same encoder file). The

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .. import Preview
 from .._images import open_image, size_of
+from ..controlnet import canny
 from ..fileid import file_hash, write_whole
 from ..metadata import ImageParameters, image_bytes, image_parameters, read_parameters
 from ..modelset import model_set
@@ -93,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
     if stored is not None and stored.source == "sdcpp_py":
         logger.info("regenerating %s: %s", args.from_png, stored.models)
     jobs = _jobs(args, stored)
+    if args.control_image is None and args.canny:
+        raise CliError("--canny preprocesses the control image: give --control-image")
+    if args.control_image is not None and not args.controlnet:
+        raise CliError("--control-image needs a ControlNet: --control-net FILE")
+    control_source = open_image(args.control_image, "--control-image") if args.control_image else None
     if not (args.model or args.diffusion_model):
         hint = f" (the image was made with {stored.models})" if stored is not None else ""
         raise CliError(f"give the model files: --diffusion-model (with --llm, --vae) or -m{hint}")
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             mask = open_image(job.mask, "--mask", "L") if job.mask else None
             refs = [open_image(r, "--ref-image") for r in job.ref_images]
             overrides = dict(job.overrides)
-            source = init or (refs[0] if refs else None)
+            source = init or (refs[0] if refs else None) or control_source
             if source is not None and "width" not in overrides and "height" not in overrides:
                 # sd-cli: the size of the init image (else the first reference), in multiples of 16
                 overrides["width"], overrides["height"] = size_of(source)
@@ -128,15 +134,17 @@ def run(args: argparse.Namespace) -> int:
             # --seed-range make each image as generate(seed=...) makes it, so one seed at a time
             per_seed = init is not None and (args.seeds is not None or args.seed_range is not None)
             groups = [[seed] for seed in job.seeds] if per_seed else [job.seeds]
+            control = _control_image(control_source, s.width, s.height, args.canny)
             for seeds in groups:
-                items = pipe.images(s, seeds=seeds, init_image=init, ref_images=refs, mask=mask, progress=bars,
-                                    preview=preview)
+                items = pipe.images(s, seeds=seeds, init_image=init, ref_images=refs, mask=mask,
+                                    control_image=control, progress=bars, preview=preview)
                 for item in items:
                     bars.close()
                     path = names.name(index, job, item.seed, item.settings)
                     path.parent.mkdir(parents=True, exist_ok=True)
                     params = (None if args.disable_image_metadata
-                              else image_parameters(pipe, item.settings, item.seed, weights))
+                              else image_parameters(pipe, item.settings, item.seed, weights,
+                                                    control=control is not None))
                     image = upscaler.upscale(item.image, args.upscale_repeats) if upscaler else item.image
                     write_whole(path, image_bytes(image, path.suffix, params))   # whole: Ctrl-C leaves none half
                     logger.info("save result image %d to '%s' (denoise %.2f s, decode %.2f s)", index, path,
@@ -159,6 +167,15 @@ def run(args: argparse.Namespace) -> int:
         summary["total_s"] = round(time.perf_counter() - start, 3)
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _control_image(image: Image.Image | None, width: int, height: int, edges: bool) -> Image.Image | None:
+    """sd-cli's control image: resized to the image's size, then (--canny) its edges."""
+    if image is None:
+        return None
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return canny(image) if edges else image
 
 
 def _preview(args: argparse.Namespace) -> Preview | None:

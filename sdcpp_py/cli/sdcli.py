@@ -23,7 +23,6 @@ SD_CLI_DEFAULT_SEED = 42
 # sd-cli flags we know and refuse, and why (for Z-Image and FLUX.2 Klein, in this engine).
 _OTHER_ENCODERS = "an encoder of other model families (Z-Image and FLUX.2 Klein use Qwen3 alone)"
 _VIDEO = "video generation (Wan): out of scope"
-_CONTROL = "ControlNet is SD-family only in this engine (Z-Image ControlNet: not yet)"
 _SD_ONLY = "an SD-family option with no effect on these models"
 _NOT_YET = "not offered yet: the engine runs it, sdcpp-py does not pass it on"
 REFUSED: dict[str, str] = {
@@ -34,8 +33,7 @@ REFUSED: dict[str, str] = {
                      "--high-noise-guidance", "--high-noise-slg-scale", "--high-noise-skip-layer-start",
                      "--high-noise-skip-layer-end", "--high-noise-eta", "--moe-boundary", "--vace-strength",
                      "--high-noise-sampling-method", "--high-noise-skip-layers"), _VIDEO),
-    **dict.fromkeys(("--control-net", "--control-net-cpu", "--control-image", "--control-strength", "--canny"),
-                    _CONTROL),
+    "--control-net-cpu": "the Z-Image ControlNet runs inside the DiT's graph, on the DiT's device",
     **dict.fromkeys(("--photo-maker", "--pm-id-images-dir", "--pm-id-embed-path", "--pm-style-strength"),
                     "PhotoMaker is SDXL-only"),
     **dict.fromkeys(("--chroma-t5-mask-pad", "--chroma-disable-dit-mask", "--chroma-enable-t5-mask"),
@@ -102,6 +100,8 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     ctx.add_argument("--diffusion-model", help="path to the standalone diffusion model")
     ctx.add_argument("--vae", help="path to standalone vae model")
     ctx.add_argument("--taesd", "--tae", dest="taesd", help="path to taesd (tiny autoencoder: fast, low quality)")
+    ctx.add_argument("--control-net", dest="controlnet",
+                     help="path to a Z-Image-Turbo Fun ControlNet Union file (1.0, 2.0, 2.1; safetensors or GGUF)")
     ctx.add_argument("--tensor-type-rules", help='weight type per tensor pattern (example: "^vae\\.=f16")')
     ctx.add_argument("-t", "--threads", type=int, default=-1,
                      help="number of threads (default -1: the physical cores)")
@@ -136,6 +136,11 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     gen.add_argument("-n", "--negative-prompt", help='the negative prompt (default: "")')
     gen.add_argument("-i", "--init-img", help="path to the init image (img2img)")
     gen.add_argument("--mask", help="path to the inpainting mask (white: regenerate; the init image's size)")
+    gen.add_argument("--control-image", help="path to the control image (Z-Image ControlNet Union; resized to the "
+                                             "image's size)")
+    gen.add_argument("--control-strength", type=float, help="how strongly the control image guides (default 0.9)")
+    gen.add_argument("--canny", action="store_true", help="apply the Canny preprocessor (edge detection) to the "
+                                                          "control image")
     gen.add_argument("-H", "--height", type=int, help="image height (default: the preset's)")
     gen.add_argument("-W", "--width", type=int, help="image width (default: the preset's)")
     gen.add_argument("--steps", type=int, help="number of sample steps (default: the preset's)")

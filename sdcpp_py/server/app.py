@@ -227,8 +227,8 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
-        body, images, mask = await _edit_form(request)
-        job = await asyncio.to_thread(_submit, body, images, mask)      # resizing: off the event loop
+        body, images, mask, control = await _edit_form(request)
+        job = await asyncio.to_thread(_submit, body, images, mask, control)   # resizing: off the event loop
         return await _wait(job, request)
 
     @app.post("/v1/jobs", status_code=202)
@@ -282,17 +282,24 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         except Expired:
             raise ApiError(410, f"job {job_id} expired (results are kept {limits.result_ttl_s:g} s)") from None
 
-    def _submit(body: dict[str, Any], images: list[Image.Image], mask: Image.Image | None = None) -> Job:
+    def _submit(body: dict[str, Any], images: list[Image.Image], mask: Image.Image | None = None,
+                control: Image.Image | None = None) -> Job:
         served = registry.get(body["model"])
         if served is None:
             raise ApiError(404, f"no model {body['model']!r} (GET /v1/models)", param="model")
         if body["response_format"] == "url":
             raise ApiError(400, "response_format 'url' is not supported: use b64_json", param="response_format")
         body["loras"] = _loras(body.get("loras") or (), config.lora_dir)
-        settings, init_image, refs, mask = _settings(served, body, images, limits, mask)
+        if control is not None and served.pipe.controlnet is None:
+            raise ApiError(400, f"model {served.name!r} has no ControlNet (its model set's controlnet file)",
+                           param="control_image")
+        settings, init_image, refs, mask = _settings(served, body, images or ([control] if control else []), limits,
+                                                     mask, control is not None and not images)
+        if control is not None and control.size != (settings.width, settings.height):
+            control = control.resize((settings.width, settings.height), Image.Resampling.LANCZOS)
         try:
             return manager.submit(served.name, settings, output_format=body["output_format"], init_image=init_image,
-                                  ref_images=refs, mask=mask, preview=body["preview"])
+                                  ref_images=refs, mask=mask, control_image=control, preview=body["preview"])
         except QueueFull as e:
             raise ApiError(429, "the queue is full, retry later", "rate_limit_error",
                            headers={"Retry-After": str(e.retry_after)}) from None
@@ -314,7 +321,8 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
             manager.refuse(status)
         return _error(status, message, "invalid_request_error" if status < 500 else "server_error")
 
-    async def _edit_form(request: Request) -> tuple[dict[str, Any], list[Image.Image], Image.Image | None]:
+    async def _edit_form(request: Request
+                         ) -> tuple[dict[str, Any], list[Image.Image], Image.Image | None, Image.Image | None]:
         try:
             form = await request.form(max_files=limits.max_uploads + 1, max_fields=64)
         except HTTPException:
@@ -326,8 +334,11 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
         if mask_upload is not None and not isinstance(mask_upload, StarletteUpload):
             raise ApiError(400, "mask must be an image upload (PNG with alpha: transparent pixels are edited)",
                            param="mask")
-        if not uploads:
-            raise ApiError(400, "give at least one image (image or image[])", param="image")
+        control_upload = form.get("control_image")
+        if control_upload is not None and not isinstance(control_upload, StarletteUpload):
+            raise ApiError(400, "control_image must be an image upload (the ControlNet's guide)", param="control_image")
+        if not uploads and control_upload is None:
+            raise ApiError(400, "give at least one image (image or image[], or a control_image)", param="image")
         if len(uploads) > limits.max_uploads:
             raise ApiError(400, f"at most {limits.max_uploads} images", param="image")
         fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
@@ -342,7 +353,8 @@ def create_app(registry: Registry, config: ServerConfig) -> FastAPI:
                 raise RequestValidationError(e.errors()) from None
             images = [await _read_image(u, limits) for u in uploads]
             mask = await _read_image(mask_upload, limits, "RGBA") if mask_upload is not None else None
-            return body, images, mask
+            control = await _read_image(control_upload, limits) if control_upload is not None else None
+            return body, images, mask, control
         finally:
             await form.close()
 
@@ -404,11 +416,12 @@ def _size(text: str | None, images: list[Image.Image], limits: Limits) -> tuple[
 
 
 def _settings(served: Served, body: dict[str, Any], images: list[Image.Image], limits: Limits,
-              mask: Image.Image | None = None
+              mask: Image.Image | None = None, sizing_only: bool = False
               ) -> tuple[GenerationSettings, Image.Image | None, list[Image.Image], Image.Image | None]:
     """The request from the body: OpenAI's fields and ours; the images as init image or references
     (with a mask, the first is the init image to inpaint: OpenAI's mask, transparent pixels edited).
-    They are prepared, as every face's are, by the pipeline's staged loop."""
+    They are prepared, as every face's are, by the pipeline's staged loop. ``sizing_only``: the image
+    (a control image) only sets the size."""
     for name in ("prompt", "negative_prompt"):
         if len(body.get(name) or "") > limits.max_prompt_chars:
             raise ApiError(413, f"{name} over {limits.max_prompt_chars} characters", param=name)
@@ -417,6 +430,8 @@ def _settings(served: Served, body: dict[str, Any], images: list[Image.Image], l
     if body.get("steps") is not None and body["steps"] > limits.max_steps:
         raise ApiError(400, f"steps is at most {limits.max_steps}", param="steps")
     width, height = _size(body["size"], images, limits)
+    if sizing_only:
+        images = []
     init: Image.Image | None = None
     refs: list[Image.Image] = []
     pil_mask = None

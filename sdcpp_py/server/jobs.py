@@ -59,6 +59,7 @@ class Job:
     init_image: Image.Image | None = None
     ref_images: Sequence[Image.Image] = ()
     mask: Image.Image | None = None
+    control_image: Image.Image | None = None
     preview: bool = False
     state: str = "queued"
     created: float = field(default_factory=time.time)
@@ -176,7 +177,8 @@ class Worker(threading.Thread):
                                                         "step": step, "png": _png_b64(im)})) if job.preview else None
         try:
             items = pipe.images(job.settings, init_image=job.init_image, ref_images=job.ref_images, mask=job.mask,
-                                progress=on_step, preview=preview, cancel=job.cancel_token)
+                                control_image=job.control_image, progress=on_step, preview=preview,
+                                cancel=job.cancel_token)
             for item in items:
                 data = encode_image(item.image, job.output_format)
                 job.images.append(data)

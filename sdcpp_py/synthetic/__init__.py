@@ -13,6 +13,7 @@ Only numpy and the standard library are used.
 
 from __future__ import annotations
 
+from .controlnet import CONTROLNET_VARIANTS, control_channels, control_places, controlnet_layout, write_controlnet
 from .dtypes import FORMATS, WEIGHT_TYPES
 from .esrgan import write_esrgan
 from .layouts import COMPONENTS, FAMILIES, SIZES, TensorSpec, component_layout, total_params
@@ -24,6 +25,11 @@ __all__ = [
     "write_model_set",
     "write_lora",
     "write_esrgan",
+    "write_controlnet",
+    "controlnet_layout",
+    "control_channels",
+    "control_places",
+    "CONTROLNET_VARIANTS",
     "LORA_LAYOUTS",
     "write_component",
     "component_filename",

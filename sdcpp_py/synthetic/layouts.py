@@ -24,6 +24,8 @@ small sizes they give tiny models the engine still accepts.
     small matrix the engine forces to F32 (``Linear(..., force_f32=true)``), N(0, 1/fan_in)
 ``bn_mean`` / ``bn_var``
     FLUX.2 VAE latent batch-norm statistics (values the engine hard-codes)
+``zero``
+    a weight left at its zero initialisation (stored F32), as ControlNet Union 2.0's refiner projections
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ __all__ = [
     "component_layout",
 ]
 
-KINDS: frozenset[str] = frozenset({"w", "conv", "norm", "bias", "emb", "vec", "f32w", "bn_mean", "bn_var"})
+KINDS: frozenset[str] = frozenset({"w", "conv", "norm", "bias", "emb", "vec", "f32w", "bn_mean", "bn_var", "zero"})
 
 LLMNames = Literal["gguf", "hf"]
 
