@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .layouts import TensorSpec, ZImageDiTConfig, family_config, zimage_ffn_width
+from .layouts import TensorSpec, ZImageDiTConfig, family_config, zimage_block
 from .writer import MetaValue, file_size, plan_tensors, write_file
 
 CONTROLNET_VARIANTS = ("1.0", "2.0", "2.1")
-_HEAD_DIM = 128
-_ADALN_DIM = 256
 
 
 def control_channels(variant: str) -> int:
@@ -47,22 +45,7 @@ def _check(variant: str) -> str:
 def _block(prefix: str, hidden: int, *, before: str | None, after: str | None) -> list[TensorSpec]:
     """A modulated Z-Image block in diffusers' names (+ before_proj / after_proj of kind ``before``
     / ``after``: "w" random, "zero")."""
-    ffn = zimage_ffn_width(hidden)
-    specs = [TensorSpec(f"{prefix}.attention.to_{x}.weight", (hidden, hidden), "w") for x in "qkv"]
-    specs += [
-        TensorSpec(f"{prefix}.attention.to_out.0.weight", (hidden, hidden), "w"),
-        TensorSpec(f"{prefix}.attention.norm_q.weight", (_HEAD_DIM,), "norm"),
-        TensorSpec(f"{prefix}.attention.norm_k.weight", (_HEAD_DIM,), "norm"),
-        TensorSpec(f"{prefix}.feed_forward.w1.weight", (ffn, hidden), "w"),
-        TensorSpec(f"{prefix}.feed_forward.w2.weight", (hidden, ffn), "w"),
-        TensorSpec(f"{prefix}.feed_forward.w3.weight", (ffn, hidden), "w"),
-        TensorSpec(f"{prefix}.attention_norm1.weight", (hidden,), "norm"),
-        TensorSpec(f"{prefix}.ffn_norm1.weight", (hidden,), "norm"),
-        TensorSpec(f"{prefix}.attention_norm2.weight", (hidden,), "norm"),
-        TensorSpec(f"{prefix}.ffn_norm2.weight", (hidden,), "norm"),
-        TensorSpec(f"{prefix}.adaLN_modulation.0.weight", (4 * hidden, min(hidden, _ADALN_DIM)), "w"),
-        TensorSpec(f"{prefix}.adaLN_modulation.0.bias", (4 * hidden,), "bias"),
-    ]
+    specs = zimage_block(prefix, hidden, modulation=True, diffusers_names=True)
     for name, kind in (("before_proj", before), ("after_proj", after)):
         if kind is not None:
             specs += [TensorSpec(f"{prefix}.{name}.weight", (hidden, hidden), kind),

@@ -197,14 +197,22 @@ def zimage_ffn_width(hidden: int, multiple_of: int = 256) -> int:
     return multiple_of * ((scaled + multiple_of - 1) // multiple_of)
 
 
-def _zimage_block(prefix: str, hidden: int, modulation: bool) -> list[TensorSpec]:
+def zimage_block(prefix: str, hidden: int, modulation: bool, diffusers_names: bool = False) -> list[TensorSpec]:
+    """One Z-Image transformer block; ``diffusers_names``: attention as diffusers names it (separate
+    ``to_q``/``to_k``/``to_v``, ``to_out.0``, ``norm_q``/``norm_k``), as ControlNet files do."""
     ffn = zimage_ffn_width(hidden)
     heads = hidden // _ZIMAGE_HEAD_DIM
-    specs = [
-        TensorSpec(f"{prefix}.attention.qkv.weight", (3 * heads * _ZIMAGE_HEAD_DIM, hidden), "w"),
-        TensorSpec(f"{prefix}.attention.out.weight", (hidden, heads * _ZIMAGE_HEAD_DIM), "w"),
-        TensorSpec(f"{prefix}.attention.q_norm.weight", (_ZIMAGE_HEAD_DIM,), "norm"),
-        TensorSpec(f"{prefix}.attention.k_norm.weight", (_ZIMAGE_HEAD_DIM,), "norm"),
+    width = heads * _ZIMAGE_HEAD_DIM
+    if diffusers_names:
+        attention = [TensorSpec(f"{prefix}.attention.to_{x}.weight", (width, hidden), "w") for x in "qkv"]
+        attention.append(TensorSpec(f"{prefix}.attention.to_out.0.weight", (hidden, width), "w"))
+    else:
+        attention = [TensorSpec(f"{prefix}.attention.qkv.weight", (3 * width, hidden), "w"),
+                     TensorSpec(f"{prefix}.attention.out.weight", (hidden, width), "w")]
+    q_norm, k_norm = ("norm_q", "norm_k") if diffusers_names else ("q_norm", "k_norm")
+    specs = attention + [
+        TensorSpec(f"{prefix}.attention.{q_norm}.weight", (_ZIMAGE_HEAD_DIM,), "norm"),
+        TensorSpec(f"{prefix}.attention.{k_norm}.weight", (_ZIMAGE_HEAD_DIM,), "norm"),
         TensorSpec(f"{prefix}.feed_forward.w1.weight", (ffn, hidden), "w"),
         TensorSpec(f"{prefix}.feed_forward.w2.weight", (hidden, ffn), "w"),
         TensorSpec(f"{prefix}.feed_forward.w3.weight", (ffn, hidden), "w"),
@@ -243,11 +251,11 @@ def z_image_dit(cfg: ZImageDiTConfig = ZImageDiTConfig()) -> list[TensorSpec]:
         TensorSpec("cap_embedder.1.bias", (h,), "bias"),
     ]
     for i in range(cfg.refiner_layers):
-        specs += _zimage_block(f"noise_refiner.{i}", h, modulation=True)
+        specs += zimage_block(f"noise_refiner.{i}", h, modulation=True)
     for i in range(cfg.refiner_layers):
-        specs += _zimage_block(f"context_refiner.{i}", h, modulation=False)
+        specs += zimage_block(f"context_refiner.{i}", h, modulation=False)
     for i in range(cfg.layers):
-        specs += _zimage_block(f"layers.{i}", h, modulation=True)
+        specs += zimage_block(f"layers.{i}", h, modulation=True)
     specs += [
         TensorSpec("final_layer.linear.weight", (patch_ch, h), "f32w"),
         TensorSpec("final_layer.linear.bias", (patch_ch,), "bias"),
