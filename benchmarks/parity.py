@@ -98,6 +98,7 @@ def controlnet_rows(size: str, files: dict[str, Any], args: Any, work: Path) -> 
             for item in r.report["items"]:
                 rows.append({"who": "sdcpp-py", "weights": dit, "size": f"{item['width']}x{item['height']}",
                              "controlnet": with_control, "load_s": round(r.report["load_s"], 2),
+                             "controlnet_load_s": round(r.report.get("controlnet_load_s") or 0, 2),
                              "step_s": round(item["step_s"], 4), "control_encode_s": round(item.get("control_encode_s") or 0, 2),
                              "controlnet_mb": round(int((item.get("controlnet") or {}).get("bytes", 0)) / 2**20),
                              "peak_rss_mb": round(r.peak_rss_mb)})
@@ -128,14 +129,15 @@ def controlnet_rows(size: str, files: dict[str, Any], args: Any, work: Path) -> 
 def controlnet_markdown(rows: list[dict[str, Any]]) -> list[str]:
     md = ["### Z-Image ControlNet Union 2.1 (15 control blocks + 2 refiner blocks), one step, one process per "
           "row set", "",
-          "| who | weights | size | ControlNet | load s | step s | x without | control latent s | ControlNet MB | "
-          "peak RSS MB | x without |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| who | weights | size | ControlNet | load s (+ ControlNet) | step s | x without | control latent s | "
+          "ControlNet MB | peak RSS MB | x without |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             md.append(f"| {r['who']} | skipped: {r['skipped']} |||||||||| ")
             continue
         md.append(f"| {r['who']} | {r['weights']} | {r['size']} | {'yes' if r['controlnet'] else 'no'} | "
-                  f"{r['load_s']} | {r['step_s']} | {r.get('step_vs_plain', '')} | {r['control_encode_s']} | "
+                  f"{r['load_s']}{' + ' + str(r['controlnet_load_s']) if r.get('controlnet_load_s') else ''} | "
+                  f"{r['step_s']} | {r.get('step_vs_plain', '')} | {r['control_encode_s']} | "
                   f"{r['controlnet_mb']} | {r['peak_rss_mb']} | {r.get('rss_vs_plain', '')} |")
     return md + [""]
 

@@ -128,6 +128,7 @@ def test_gguf_quantized_controlnet_runs_repacked(files, tmp_path):
         guided = p.generate(PROMPT, control_image=_edges(), steps=2, seed=1, control_strength=1.0).image
         info = p.controlnet_loaded
     assert info["variant"] == "1.0" and info["channels"] == "16"
+    assert "CPU_REPACK:" in info["buffers"]             # its matmul weights in the repacked layout, as the DiT's
     assert np.abs(_a(guided) - _a(plain)).mean() > 1.0
 
 
@@ -186,6 +187,21 @@ def test_isolated_engine_runs_the_controlnet(files):
     assert np.array_equal(_a(here), _a(there))
 
 
+def test_cancel_stops_a_controlnet_generation(cpipe):
+    import threading
+    import time
+
+    from sdcpp_py.errors import Cancelled
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled):
+        cpipe.generate(PROMPT, control_image=_edges(size=256), steps=40, seed=1, control_strength=1.0, cancel=stop)
+    assert time.perf_counter() - t0 < 5.0
+    assert cpipe.generate(PROMPT, control_image=_edges(), steps=1, seed=1).image.size == (SIZE, SIZE)
+
+
 def test_canny_finds_edges():
     a = np.zeros((SIZE, SIZE, 3), np.uint8)
     a[:, SIZE // 2:] = 255
@@ -217,6 +233,9 @@ def test_cli_control_net_equals_sd_cli(files, sd_cli, tmp_path):
     assert np.array_equal(a, b), f"max diff {np.abs(a - b).max()}"
     params = read_parameters(ours)
     assert params.models["controlnet"] == nets["2.0"].name and params.settings.control_strength == 0.7
+    again = _cli("--diffusion-model", str(tiny.diffusion_model), "--llm", str(tiny.llm), "--vae", str(tiny.vae),
+                 "--from-png", str(ours), "-o", str(tmp_path / "again.png"))
+    assert again.returncode == 2 and "--control-image" in again.stderr       # not silently without it
     refused = _cli(*common[:-2], "--control-net-cpu", "-o", str(tmp_path / "x.png"))
     assert refused.returncode == 2 and "--control-net-cpu" in refused.stderr
     lonely = _cli("--diffusion-model", str(tiny.diffusion_model), "--llm", str(tiny.llm), "--vae", str(tiny.vae),

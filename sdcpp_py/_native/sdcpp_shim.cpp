@@ -773,6 +773,7 @@ SHIM_API int sdcpp_control_net(sd_ctx_t* ctx, const char* path) {
             return fail("control_net: null context");
         }
         std::string error;
+        WeightBuffersScope buffers_scope(weight_buffers_of(ctx));   // repacked like the DiT's weights
         if (!ctx->sd->set_z_image_control_net(path != nullptr ? path : "", &error)) {
             return fail_argument("control_net: " + error);
         }
@@ -792,7 +793,7 @@ SHIM_API int sdcpp_control_net_info(sd_ctx_t* ctx, char* out, size_t size) {
             const char* variant = p.layout == ZImage::ControlLayout::V1 ? "1.0" : (p.layout == ZImage::ControlLayout::V2_LAYERS ? "2.0" : "2.1");
             text = std::string("variant=") + variant + ",channels=" + std::to_string(p.control_in_dim) +
                    ",layers=" + std::to_string(p.num_control) + ",refiner=" + std::to_string(p.num_refiner) +
-                   ",bytes=" + std::to_string(net->get_params_buffer_size());
+                   ",bytes=" + std::to_string(net->get_params_buffer_size()) + ",buffers=" + net->buffers;
         }
         snprintf(out, size, "%s", text.c_str());
         return 0;

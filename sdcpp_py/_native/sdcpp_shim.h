@@ -109,8 +109,9 @@ int sdcpp_forget_loras(sd_ctx_t* ctx);
  * file that is not one, or does not fit the DiT. */
 int sdcpp_control_net(sd_ctx_t* ctx, const char* path);
 
-/* The loaded ControlNet as "variant=2.1,channels=33,layers=15,refiner=2,bytes=N" ("" when
- * none) written into out (size bytes). */
+/* The loaded ControlNet as "variant=2.1,channels=33,layers=15,refiner=2,bytes=N,buffers=CPU:N/
+ * CPU_REPACK:N" (its weights' bytes per buffer; "" when none) written into out (size bytes). The
+ * ControlNet's weights go to the extra CPU buffer types the context's weights may use. */
 int sdcpp_control_net_info(sd_ctx_t* ctx, char* out, size_t size);
 
 /* Make borrower's text encoder the owner's (one set of weights in memory for two

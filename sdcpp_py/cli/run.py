@@ -94,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if stored is not None and stored.source == "sdcpp_py":
         logger.info("regenerating %s: %s", args.from_png, stored.models)
     jobs = _jobs(args, stored)
+    if stored is not None and "controlnet" in stored.models and args.control_image is None:
+        raise CliError(f"{args.from_png} was made with the ControlNet {stored.models['controlnet']} and a control "
+                       "image, which the metadata does not hold: give --control-net and --control-image")
     if args.control_image is None and args.canny:
         raise CliError("--canny preprocesses the control image: give --control-image")
     if args.control_image is not None and not args.controlnet:
