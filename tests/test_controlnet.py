@@ -211,9 +211,10 @@ def test_canny_finds_edges():
     assert column[SIZE // 2 - 2: SIZE // 2 + 2].max() == 255 and column[: SIZE // 4].max() == 0
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess[str]:
+    """Our CLI in a child, run from ``cwd`` (never the source tree: the installed package is tested)."""
     return subprocess.run([sys.executable, "-m", "sdcpp_py", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def test_cli_control_net_equals_sd_cli(files, sd_cli, tmp_path):
@@ -225,7 +226,7 @@ def test_cli_control_net_equals_sd_cli(files, sd_cli, tmp_path):
               "--canny", "-p", PROMPT, "-W", str(SIZE), "-H", str(SIZE), "--steps", "2", "-s", "21", "-t", "2",
               "--cfg-scale", "1"]
     ours, theirs = tmp_path / "ours.png", tmp_path / "theirs.png"
-    run = _cli(*common, "--upcast", "none", "--repack", "none", "-o", str(ours))
+    run = _cli(*common, "--upcast", "none", "--repack", "none", "-o", str(ours), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     ref = subprocess.run([str(sd_cli), *common, "-o", str(theirs)], capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stdout[-2000:] + ref.stderr[-2000:]
@@ -234,12 +235,12 @@ def test_cli_control_net_equals_sd_cli(files, sd_cli, tmp_path):
     params = read_parameters(ours)
     assert params.models["controlnet"] == nets["2.0"].name and params.settings.control_strength == 0.7
     again = _cli("--diffusion-model", str(tiny.diffusion_model), "--llm", str(tiny.llm), "--vae", str(tiny.vae),
-                 "--from-png", str(ours), "-o", str(tmp_path / "again.png"))
+                 "--from-png", str(ours), "-o", str(tmp_path / "again.png"), cwd=tmp_path)
     assert again.returncode == 2 and "--control-image" in again.stderr       # not silently without it
-    refused = _cli(*common[:-2], "--control-net-cpu", "-o", str(tmp_path / "x.png"))
+    refused = _cli(*common[:-2], "--control-net-cpu", "-o", str(tmp_path / "x.png"), cwd=tmp_path)
     assert refused.returncode == 2 and "--control-net-cpu" in refused.stderr
     lonely = _cli("--diffusion-model", str(tiny.diffusion_model), "--llm", str(tiny.llm), "--vae", str(tiny.vae),
-                  "--control-image", str(control), "-p", "x", "-o", str(tmp_path / "y.png"))
+                  "--control-image", str(control), "-p", "x", "-o", str(tmp_path / "y.png"), cwd=tmp_path)
     assert lonely.returncode == 2 and "--control-net" in lonely.stderr
 
 
