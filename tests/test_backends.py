@@ -130,3 +130,50 @@ def test_vulkan_matches_cpu(tiny_sets):
     assert vk.shape == cpu.shape == (64, 64, 3) and vk.std() > 1
     diff = np.abs(vk - cpu)
     assert diff.mean() < 2.0 and diff.max() <= 24, (diff.mean(), diff.max())
+
+
+VULKAN_CONTROLNET_CODE = """
+import json, sys, numpy as np
+from PIL import Image
+from sdcpp_py import Pipeline, backends
+names = [d.name for d in backends.devices()]
+if not any(n.startswith("Vulkan") for n in names):
+    print(json.dumps({"devices": names})); sys.exit(0)
+files = dict(diffusion_model=sys.argv[1], llm=sys.argv[2], vae=sys.argv[3], controlnet=sys.argv[4])
+edges = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) > 0.9).astype(np.uint8) * 255)
+out = {"devices": names}
+for backend in ("vulkan", "cpu"):
+    with Pipeline(**files, backend=backend, n_threads=2) as p:
+        plain = p.generate("a red fox", width=64, height=64, steps=2, seed=5).arrays[0]
+        guided = p.generate("a red fox", control_image=edges, steps=2, seed=5, control_strength=1.0).arrays[0]
+        out[backend] = {"plain": plain.tolist(), "guided": guided.tolist(), "device": p.device,
+                        "variant": p.controlnet_loaded.get("variant")}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.vulkan
+def test_vulkan_runs_the_z_image_controlnet(tiny_sets, model_dir):
+    """The ControlNet's blocks in the DiT's graph on a Vulkan device: the same guidance as on the CPU."""
+    from sdcpp_py.synthetic import write_controlnet
+
+    m = tiny_sets["z-image-turbo"]
+    net = write_controlnet(model_dir, "2.1", seed=3)
+    run = subprocess.run([sys.executable, "-c", VULKAN_CONTROLNET_CODE, str(m.diffusion_model), str(m.llm),
+                          str(m.vae), str(net)], capture_output=True, text=True, timeout=1500,
+                         cwd=Path(__file__).parent,
+                         env={**os.environ, "GGML_VK_VISIBLE_DEVICES": os.environ.get("GGML_VK_VISIBLE_DEVICES", "0")})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    if "vulkan" not in out:
+        if os.environ.get("SDCPP_PY_REQUIRE_VULKAN") == "1":
+            pytest.fail(f"a Vulkan device is required (SDCPP_PY_REQUIRE_VULKAN=1); devices: {out['devices']}")
+        pytest.skip(f"no Vulkan device ({out['devices']})")
+    vk, cpu = out["vulkan"], out["cpu"]
+    assert vk["device"].startswith("Vulkan") and vk["variant"] == cpu["variant"] == "2.1"
+    a = {k: np.array(v[k], dtype=int) for v, k in ((vk, "plain"), (vk, "guided"))}
+    b = {k: np.array(v[k], dtype=int) for v, k in ((cpu, "plain"), (cpu, "guided"))}
+    effect_vk, effect_cpu = np.abs(a["guided"] - a["plain"]).mean(), np.abs(b["guided"] - b["plain"]).mean()
+    assert effect_cpu > 5 and abs(effect_vk - effect_cpu) < 0.1 * effect_cpu       # the same guidance
+    diff = np.abs(a["guided"] - b["guided"])
+    assert diff.mean() < 2.0 and diff.max() <= 24, (diff.mean(), diff.max())
