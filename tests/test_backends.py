@@ -113,11 +113,11 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.vulkan
-def test_vulkan_matches_cpu(tiny_sets):
-    m = tiny_sets["flux2-klein"]
-    run = subprocess.run([sys.executable, "-c", VULKAN_CODE, str(m.diffusion_model), str(m.llm), str(m.vae)],
-                         capture_output=True, text=True, timeout=1500, cwd=Path(__file__).parent,
+def _on_vulkan(code: str, *args: object) -> dict:
+    """``code`` in a child (Vulkan's first device visible) and its JSON line; a skip without a
+    Vulkan device, a failure where SDCPP_PY_REQUIRE_VULKAN=1."""
+    run = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                         timeout=1500, cwd=Path(__file__).parent,
                          env={**os.environ, "GGML_VK_VISIBLE_DEVICES": os.environ.get("GGML_VK_VISIBLE_DEVICES", "0")})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
@@ -125,6 +125,13 @@ def test_vulkan_matches_cpu(tiny_sets):
         if os.environ.get("SDCPP_PY_REQUIRE_VULKAN") == "1":
             pytest.fail(f"a Vulkan device is required (SDCPP_PY_REQUIRE_VULKAN=1); devices: {out['devices']}")
         pytest.skip(f"no Vulkan device ({out['devices']})")
+    return out
+
+
+@pytest.mark.vulkan
+def test_vulkan_matches_cpu(tiny_sets):
+    m = tiny_sets["flux2-klein"]
+    out = _on_vulkan(VULKAN_CODE, m.diffusion_model, m.llm, m.vae)
     vk, cpu = np.array(out["vulkan"], dtype=int), np.array(out["cpu"], dtype=int)
     assert out["vulkan_device"].startswith("Vulkan") and out["cpu_device"] == "CPU"
     assert vk.shape == cpu.shape == (64, 64, 3) and vk.std() > 1
@@ -159,16 +166,7 @@ def test_vulkan_runs_the_z_image_controlnet(tiny_sets, model_dir):
 
     m = tiny_sets["z-image-turbo"]
     net = write_controlnet(model_dir, "2.1", seed=3)
-    run = subprocess.run([sys.executable, "-c", VULKAN_CONTROLNET_CODE, str(m.diffusion_model), str(m.llm),
-                          str(m.vae), str(net)], capture_output=True, text=True, timeout=1500,
-                         cwd=Path(__file__).parent,
-                         env={**os.environ, "GGML_VK_VISIBLE_DEVICES": os.environ.get("GGML_VK_VISIBLE_DEVICES", "0")})
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    if "vulkan" not in out:
-        if os.environ.get("SDCPP_PY_REQUIRE_VULKAN") == "1":
-            pytest.fail(f"a Vulkan device is required (SDCPP_PY_REQUIRE_VULKAN=1); devices: {out['devices']}")
-        pytest.skip(f"no Vulkan device ({out['devices']})")
+    out = _on_vulkan(VULKAN_CONTROLNET_CODE, m.diffusion_model, m.llm, m.vae, net)
     vk, cpu = out["vulkan"], out["cpu"]
     assert vk["device"].startswith("Vulkan") and vk["variant"] == cpu["variant"] == "2.1"
     a = {k: np.array(v[k], dtype=int) for v, k in ((vk, "plain"), (vk, "guided"))}
