@@ -6,6 +6,8 @@ BENCH_JSON line. Two jobs, chosen by the spec's "job":
   "random"``: speed does not depend on their values) or the synthetic GGUF dequantized and
   mapped with diffusers' own BFL converter (``"gguf"``, FLUX.2 Klein only). The text
   encoder and VAE are left out: a per-step and memory comparison.
+- "vae": diffusers' VAE decode of a random latent (AutoencoderKL with the FLUX.1 VAE's
+  configuration, AutoencoderKLFlux2 with FLUX.2's), random weights, timed per decode.
 - "gemm": PyTorch's own GEMM (``torch.nn.functional.linear``, oneDNN / MKL) on a list of
   (rows, in, out, count) shapes, in BF16 and FP32: the practical peak of these cores on a
   step's matmuls, weighted by how often each shape occurs.
@@ -48,8 +50,11 @@ def _random_model(cls, config: dict, dtype: torch.dtype) -> torch.nn.Module:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=g)
-    if list(model.buffers()):
-        raise SystemExit(f"{cls.__name__} has buffers: random storage would leave them uninitialised")
+    for name, buf in model.named_buffers():
+        if not name.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            raise SystemExit(f"{cls.__name__} has buffer {name}: random storage would leave it uninitialised")
+        with torch.no_grad():   # batch-norm statistics (the FLUX.2 VAE's latent norm): the identity
+            buf.fill_(1 if name.endswith("running_var") else 0)
     return model
 
 
@@ -130,6 +135,36 @@ def transformer(spec: dict) -> dict:
             "tokens": tokens, "params": sum(p.numel() for p in model.parameters()), "weights": spec.get("weights", "random")}
 
 
+FLUX1_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                 layers_per_block=2, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False,
+                 scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def vae(spec: dict) -> dict:
+    """Seconds per decode (the first call warms up) of a (1, C, h/8, w/8) latent."""
+    from diffusers import AutoencoderKL, AutoencoderKLFlux2
+
+    dtype = getattr(torch, spec.get("dtype", "bfloat16"))
+    t0 = time.perf_counter()
+    if spec["family"] == "z-image-turbo":
+        model, channels = _random_model(AutoencoderKL, FLUX1_VAE, dtype), 16
+    else:
+        model, channels = _random_model(AutoencoderKLFlux2, {}, dtype), 32
+    model.eval()
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, channels, spec["height"] // 8, spec["width"] // 8, generator=g).to(dtype)
+    times = []
+    with torch.inference_mode():
+        for _ in range(spec.get("decodes", 2) + 1):
+            t1 = time.perf_counter()
+            model.decode(z, return_dict=False)
+            times.append(time.perf_counter() - t1)
+    return {"load_s": load_s, "decodes_s": times, "decode_s": min(times[1:]), "dtype": str(dtype).replace("torch.", ""),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
 def gemm(spec: dict) -> dict:
     """GFLOP/s of F.linear on the shapes, per dtype: each shape timed (best of reps), weighted by count."""
     out = {}
@@ -160,7 +195,7 @@ def gemm(spec: dict) -> dict:
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    result = gemm(spec) if spec.get("job") == "gemm" else transformer(spec)
+    result = {"gemm": gemm, "vae": vae}.get(spec.get("job", ""), transformer)(spec)
     result.update(torch=torch.__version__, threads=torch.get_num_threads(),
                   cpu_capability=torch.backends.cpu.get_cpu_capability())
     print("BENCH_JSON " + json.dumps(result), flush=True)

@@ -9,7 +9,8 @@ flags, stable-diffusion-cpp-python, diffusers), knobs (weight types, upcast, thr
 CPU variant, flash attention, VAE direct conv), roofline (DiT step GFLOP/s against an
 fp32 GEMM of the same shapes), kernels (weights kept repacked or plain or
 expanded to F16/BF16, at several sizes, against PyTorch's GEMM peak and diffusers, a
-perf profile of a step, the weight policy's goals), guide (the field guide's sweeps with contact sheets),
+perf profile of a step, the weight policy's goals), vae (the VAE decode beside diffusers' in
+BF16 and FP32), guide (the field guide's sweeps with contact sheets),
 control (cancel latency in a step and in a VAE decode, isolation overhead, memory), server (HTTP
 latency against an in-process generation, requests per minute from 4 clients), parity (LoRAs
 at runtime and merged, step caches, ESRGAN upscaling).
@@ -35,11 +36,12 @@ import knobs  # noqa: E402
 import parity  # noqa: E402
 import serving  # noqa: E402
 import sweeping  # noqa: E402
+import vae_suite  # noqa: E402
 from harness import CACHE, RESULTS, machine_info, run_spec, write_json  # noqa: E402
 from roofline import roofline  # noqa: E402
 
 FAMILIES = ("z-image-turbo", "flux2-klein")
-SUITES = ("compare", "knobs", "kernels", "roofline", "guide", "control", "server", "sweep", "parity")
+SUITES = ("compare", "knobs", "kernels", "vae", "roofline", "guide", "control", "server", "sweep", "parity")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -64,6 +66,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--baseline-library", type=Path,
                     help="kernels (load part): a libstable-diffusion.so of another build (e.g. the previous "
                          "commit's) whose load is timed beside the installed one's")
+    ap.add_argument("--vae-sizes", default="512,1024", help="vae: comma list of square sizes (default 512,1024)")
     ap.add_argument("--sweeps", default=",".join(guide.SWEEPS))
     ap.add_argument("--scale", type=float, help="guide: fraction of the articles' pixel counts (1.0 = ~1 MP)")
     ap.add_argument("--max-steps", type=int, help="guide: cap on steps")
@@ -143,7 +146,13 @@ def main(argv: list[str]) -> int:
         results["kernels"] = res
         md += kernel_suite.markdown(res)
         write_json(out / "results.json", results)
-    if "roofline" in suites:
+    if "vae" in suites:
+        def vae_models(family: str, which: str):
+            return write_model_set(family, CACHE / "synthetic", size=which, dit_type="q4_0", llm_type="q4_0")
+        results["vae"] = vae_suite.run(families, vae_models, args, work / "vae")
+        md += vae_suite.markdown(results["vae"])
+        write_json(out / "results.json", results)
+
         md += ["## Roofline", "", "| family | size | tokens (image + text) | GFLOP per step | s/step | "
                "achieved GFLOP/s | fp32 GEMM peak GFLOP/s | fraction |", "|---|---|---|---|---|---|---|---|"]
         for fam in families:

@@ -106,7 +106,7 @@ class Pipeline:
         self.device = self._device or backends.default_device()
         on_cpu = self.device == "CPU"
         if self.settings.vae_weights == "bf16" and not on_cpu:
-            raise InvalidArgumentError(f"vae_weights='bf16' is for the CPU backend (its im2col writes BF16); this "
+            raise InvalidArgumentError(f"vae_weights='bf16' is for the CPU backend (its convolutions read BF16); this "
                                        f"pipeline runs on {self.device}")
         self.weight_plan: WeightPlan = plan_weights(
             self.settings.upcast, self.paths, on_cpu=on_cpu, wtype=self.settings.wtype, repack=self.settings.repack,

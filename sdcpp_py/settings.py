@@ -103,7 +103,7 @@ class ContextSettings:
     offload_params_to_cpu: bool = False
     keep_clip_on_cpu: bool = False
     keep_vae_on_cpu: bool = False
-    vae_conv_direct: bool = False
+    vae_conv_direct: bool = False        # GPU backends: ggml's direct conv (the CPU always runs its own)
     diffusion_conv_direct: bool = False
     tae_preview_only: bool = False       # with a taesd file: TAE previews, the full VAE for the image
     circular_x: bool = False             # seamless across the left/right edges (tiling textures)
@@ -142,9 +142,6 @@ class ContextSettings:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
         object.__setattr__(self, "vae_weights", _choice("vae_weights", self.vae_weights or "f16", ("f16", "bf16")))
-        if self.vae_weights == "bf16" and self.vae_conv_direct:
-            raise InvalidArgumentError("vae_weights='bf16' runs the VAE's convolutions as im2col + BF16 matmuls; "
-                                       "ggml's direct convolution (vae_conv_direct) takes F16 or F32 weights only")
         if self.lora_apply_mode == "immediately" and (self.release_encoder or self.release_diffusion):
             raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the weights, which "
                                        "release_encoder/release_diffusion free between calls (use 'at_runtime')")

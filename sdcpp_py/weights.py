@@ -57,9 +57,9 @@ RULE_PREFIX = {"diffusion": r"^model\.diffusion_model\.",
                "encoder": r"^text_encoders\.(?!.*(embed_tokens|token_embd|token_embedding))"}
 COMPONENT_FILES = {"diffusion": ("diffusion_model", "model"), "encoder": ("llm",)}
 # vae_weights="bf16": the VAE's convolution weights (not its norms) in BF16, which the engine
-# honours for CPU contexts (vendor/patches/0014) so its im2col + matmul convolutions run BF16
-# dot products: decodes 1.26x (FLUX.1 VAE) and 1.32x (FLUX.2) faster on a Zen 5 at 512x512, 0.4
-# levels mean difference from F16 on the synthetic VAEs (benchmarks/README.md).
+# honours for CPU contexts (vendor/patches/0014) so its convolutions (patches/0017) run BF16 dot
+# products: decodes 1.4-1.5x faster than F16 on a Zen 5, 0.3-0.4 levels mean difference from
+# F16 on the synthetic VAEs (benchmarks/README.md).
 VAE_BF16_RULE = r"^first_stage_model\.(?!.*norm).*\.weight$=bf16"
 
 MEMORY_FRACTION = 0.80    # of the machine's total memory, for weights and work

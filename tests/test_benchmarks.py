@@ -52,6 +52,10 @@ def test_run_quick(tmp_path):
     assert "CPU_REPACK" not in plain["weights"]["buffers"]["diffusion"] and not plain["upcast"]
     assert knob["defaults + release encoder/diffusion"]["peak_rss_mb"] > 0
 
+    vae = {(r["family"], r["config"]): r for r in data["vae"]["rows"]}   # each VAE setting in its own process
+    assert set(vae) == {(f, c) for f in ("z-image-turbo", "flux2-klein") for c in ("f16", "bf16")}
+    assert all(r["size"] == 64 and r["decode_s"] > 0 and r["peak_rss_mb"] > 0 for r in vae.values())
+
     kern = data["kernels"]   # each configuration in its own process, both families, goals derived
     by = {(r["family"], r["key"]): r for r in kern["rows"]}
     assert {f for f, _ in by} == {"z-image-turbo", "flux2-klein"}
