@@ -217,7 +217,7 @@ def test_help_groups_and_module_entry(tmp_path):
 def test_ctrl_c_stops_mid_step_exit_130_keeps_written_images(tiny_sets, tmp_path):
     m = tiny_sets["z-image-turbo"]
     proc = subprocess.Popen([*CLI, "--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae",
-                             str(m.vae), "-p", "a quiet street", "-W", "512", "-H", "512", "--steps", "40",
+                             str(m.vae), "-p", "a quiet street", "-W", "512", "-H", "512", "--steps", "120",
                              "--seeds", "1,2,3", "-t", "2", "-o", "street_%d.png"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # as from a terminal, even when this test runs in the background (SIGINT ignored)
@@ -227,7 +227,7 @@ def test_ctrl_c_stops_mid_step_exit_130_keeps_written_images(tiny_sets, tmp_path
         while not (tmp_path / "street_0.png").exists():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
             time.sleep(0.2)
-        time.sleep(3.0)        # well into the second image's steps
+        time.sleep(3.0)        # well into the second image's steps (~6 s of them on 2 cores)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)

@@ -69,9 +69,9 @@ def test_cancel_from_another_thread_stops_mid_step(zpipe, reference):
 
 
 def test_cancel_stops_a_vae_decode_midway(zpipe, reference):
-    latent = zpipe.denoise(zpipe.encode("a red door"), width=512, height=512, steps=1, seed=1)
+    latent = zpipe.denoise(zpipe.encode("a red door"), width=768, height=768, steps=1, seed=1)
     aborted = lib.sdcpp_aborted_computes()
-    timer = _cancel_after(zpipe.cancel, 0.5)                # the decode takes seconds, one graph
+    timer = _cancel_after(zpipe.cancel, 0.5)                # the decode takes ~2 s, one graph
     with pytest.raises(Cancelled):
         zpipe.decode(latent)
     latency = time.perf_counter() - timer.at()

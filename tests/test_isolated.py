@@ -62,13 +62,13 @@ def test_an_engine_abort_raises_engine_crashed_and_the_next_call_recovers(isolat
 
 
 def test_cancel_and_ctrl_c_reach_the_worker(isolated, reference, sigint_raises):
-    latent = isolated.denoise(isolated.encode("a quiet harbour"), width=512, height=512, steps=1, seed=1)
+    latent = isolated.denoise(isolated.encode("a quiet harbour"), width=768, height=768, steps=1, seed=1)
     pid = isolated.engine.pid
     timer = threading.Timer(0.8, isolated.cancel)
     timer.start()
     start = time.perf_counter()
     with pytest.raises(Cancelled):
-        isolated.decode(latent)                                  # ~5 s when not stopped
+        isolated.decode(latent)                                  # ~2 s when not stopped
     assert time.perf_counter() - start < 2.5
     if threading.current_thread() is threading.main_thread():
         timer = threading.Timer(0.8, lambda: os.kill(os.getpid(), signal.SIGINT))
