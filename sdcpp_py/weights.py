@@ -58,7 +58,7 @@ RULE_PREFIX = {"diffusion": r"^model\.diffusion_model\.",
 COMPONENT_FILES = {"diffusion": ("diffusion_model", "model"), "encoder": ("llm",)}
 # vae_weights="bf16": the VAE's convolution weights (not its norms) in BF16, which the engine
 # honours for CPU contexts (vendor/patches/0014) so its convolutions (patches/0017) run BF16 dot
-# products: decodes 1.4-1.5x faster than F16 on a Zen 5, 0.3-0.4 levels mean difference from
+# products: decodes 1.4-1.6x faster than F16 on a Zen 5, 0.3-0.4 levels mean difference from
 # F16 on the synthetic VAEs (benchmarks/README.md).
 VAE_BF16_RULE = r"^first_stage_model\.(?!.*norm).*\.weight$=bf16"
 
