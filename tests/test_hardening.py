@@ -247,7 +247,8 @@ if hypothesis is not None:
         return sorted(request_model().model_fields) + ["stepz", "sampling_method"]
 
 
-    @hypothesis.settings(max_examples=80, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.settings(max_examples=80, deadline=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
     @hypothesis.given(body=st.dictionaries(st.sampled_from(_body_keys()), _VALUES, max_size=6),
                       route=st.sampled_from(["/v1/images/generations", "/v1/jobs"]))
     def test_fuzzed_bodies_never_give_a_500(server, body, route):
