@@ -24,6 +24,16 @@ VENV_SDCPP_PYTHON = CACHE / "venv-sdcpp-python" / "bin" / "python"
 VENV_DIFFUSERS = CACHE / "venv-diffusers" / "bin" / "python"
 
 
+def run_diffusers(spec: dict[str, Any], work: Path, tag: str) -> Run | str:
+    """benchmarks/ext_diffusers.py on ``spec`` in the diffusers venv: the run, or why it failed."""
+    path = work / f"{tag}.json"
+    path.write_text(json.dumps(spec))
+    try:
+        return run_child([str(VENV_DIFFUSERS), str(HERE / "ext_diffusers.py"), str(path)], log=work / f"{tag}.log")
+    except RuntimeError as e:
+        return "failed: " + " ".join(str(e).split())[-300:]
+
+
 def _stages(run: Run) -> dict[str, float]:
     return {k: round(v, 2) for k, v in run.stages.items()}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import profile_step
-from compare import VENV_DIFFUSERS
+from compare import VENV_DIFFUSERS, run_diffusers
 from harness import HERE, run_child, run_spec, write_json
 from roofline import gemm_shapes, step_flops
 
@@ -169,12 +169,9 @@ def _peer(family: str, size: tuple[int, int], dtype: str, text_tokens: int, args
     spec = {"job": "transformer", "family": family, "width": size[0], "height": size[1], "steps": 2,
             "text_tokens": text_tokens, "threads": args.threads, "dtype": dtype, "weights": "random"}
     tag = f"{family}-{size[0]}x{size[1]}-diffusers-{dtype}"
-    path = work / f"{tag}.json"
-    path.write_text(json.dumps(spec))
-    try:
-        r = run_child([str(VENV_DIFFUSERS), str(HERE / "ext_diffusers.py"), str(path)], log=work / f"{tag}.log")
-    except RuntimeError as e:
-        return {**base, "skipped": "failed: " + " ".join(str(e).split())[-300:]}
+    r = run_diffusers(spec, work, tag)
+    if isinstance(r, str):
+        return {**base, "skipped": r}
     return {**base, **{k: r.report[k] for k in ("step_s", "steps_s", "load_s", "tokens", "torch", "params")},
             "peak_rss_mb": round(r.peak_rss_mb)}
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import VENV_DIFFUSERS  # noqa: E402
-from harness import HERE, emit, ratio, run_child, run_script  # noqa: E402
+from compare import VENV_DIFFUSERS, run_diffusers  # noqa: E402
+from harness import emit, ratio, run_script  # noqa: E402
 
 # key: (context settings, label)
 CONFIGS: dict[str, tuple[dict[str, Any], str]] = {
@@ -54,12 +54,9 @@ def _peer(family: str, size: int, dtype: str, args: Any, work: Path) -> dict[str
     spec = {"job": "vae", "family": family, "width": size, "height": size, "dtype": dtype, "threads": args.threads,
             "decodes": 2 if size <= 512 else 1}   # after a warm-up decode
     tag = f"{family}-{size}-diffusers-{dtype}"
-    path = work / f"{tag}.json"
-    path.write_text(json.dumps(spec))
-    try:
-        r = run_child([str(VENV_DIFFUSERS), str(HERE / "ext_diffusers.py"), str(path)], log=work / f"{tag}.log")
-    except RuntimeError as e:
-        return {**base, "skipped": "failed: " + " ".join(str(e).split())[-300:]}
+    r = run_diffusers(spec, work, tag)
+    if isinstance(r, str):
+        return {**base, "skipped": r}
     return {**base, "decode_s": r.report["decode_s"], "decodes_s": r.report["decodes_s"],
             "torch": r.report["torch"], "peak_rss_mb": round(r.peak_rss_mb)}
 
