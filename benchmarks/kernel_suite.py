@@ -42,15 +42,18 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "q8_0": ("q8_0", {}, "Q8_0 file, defaults"),
     "q8_0-kept": ("q8_0", {"upcast": "none"}, "Q8_0 file kept as stored"),
     "q4_k-fa": ("q4_k", {"diffusion_flash_attn": True}, "Q4_K file, defaults + flash attention in the DiT"),
+    "q4_k-ggml": ("q4_k", {}, "Q4_K file, repacked, ggml's own Q4_K kernel (the int8 VNNI kernel off)"),
 }
+# configurations that differ in the engine's environment only (a kernel switched off, to compare in one build)
+CONFIG_ENV: dict[str, dict[str, str]] = {"q4_k-ggml": {"GGML_CPU_Q4_K_VNNI": "0"}}
 # family: [((width, height), steps, config keys)]
 PLAN: dict[str, list[tuple[tuple[int, int], int, list[str]]]] = {
-    "z-image-turbo": [((256, 256), 1, ["q4_0", "q4_0-plain", "q4_k", "q4_k-plain", "iq4_nl", "f16", "bf16",
-                                        "q8_0", "q8_0-kept"]),
-                      ((512, 512), 1, ["q4_0", "q4_k", "f16", "bf16", "q4_k-fa"]),
-                      ((1024, 1024), 1, ["q4_k", "bf16", "q4_k-fa"])],
-    "flux2-klein": [((256, 256), 1, ["q4_k", "q4_k-plain", "q4_0", "f16-all", "bf16", "bf16-all"]),
-                    ((512, 512), 1, ["q4_k", "bf16"])],
+    "z-image-turbo": [((256, 256), 1, ["q4_0", "q4_0-plain", "q4_k", "q4_k-ggml", "q4_k-plain", "iq4_nl", "f16",
+                                        "bf16", "q8_0", "q8_0-kept"]),
+                      ((512, 512), 1, ["q4_0", "q4_k", "q4_k-ggml", "f16", "bf16", "q4_k-fa"]),
+                      ((1024, 1024), 1, ["q4_k", "q4_k-ggml", "bf16", "q4_k-fa"])],
+    "flux2-klein": [((256, 256), 1, ["q4_k", "q4_k-ggml", "q4_k-plain", "q4_0", "f16-all", "bf16", "bf16-all"]),
+                    ((512, 512), 1, ["q4_k", "q4_k-ggml", "bf16"])],
 }
 QUICK_PLAN = [((64, 64), 1, ["q4_0", "q4_0-plain", "q4_k", "bf16"])]
 # diffusers peers: family -> [(width, height, dtype)]
@@ -90,7 +93,7 @@ def _row(key: str, family: str, size: tuple[int, int], steps: int, models_for: M
     models = models_for(dit_type, "q4_k")
     spec = {"files": _files(models), "context": {"n_threads": args.threads, **context}, "prompt": PROMPT,
             "items": [{"width": size[0], "height": size[1], "steps": steps, "seed": 7}]}
-    r = run_spec(spec, work, f"{family}-{size[0]}x{size[1]}-{key}")
+    r = run_spec(spec, work, f"{family}-{size[0]}x{size[1]}-{key}", env=CONFIG_ENV.get(key))
     item = r.report["items"][0]
     weights = r.report.get("weights", {})
     return {"key": key, "label": label, "family": family, "width": size[0], "height": size[1], "steps": steps,
