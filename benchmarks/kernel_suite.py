@@ -42,15 +42,22 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "q8_0": ("q8_0", {}, "Q8_0 file, defaults"),
     "q8_0-kept": ("q8_0", {"upcast": "none"}, "Q8_0 file kept as stored"),
     "q4_k-fa": ("q4_k", {"diffusion_flash_attn": True}, "Q4_K file, defaults + flash attention in the DiT"),
-    "q4_k-ggml": ("q4_k", {}, "Q4_K file, repacked, ggml's own Q4_K kernel (the int8 VNNI kernel off)"),
+    "q4_k-ggml": ("q4_k", {}, "Q4_K file, repacked, ggml's own kernel (the int8 VNNI GEMM off)"),
+    "q4_k-256": ("q4_k", {}, "Q4_K file, repacked, the int8 VNNI GEMM's 256-bit form"),
+    "q4_0-ggml": ("q4_0", {}, "Q4_0 file, repacked, ggml's own kernel (the int8 VNNI GEMM off)"),
+    "iq4_nl-ggml": ("iq4_nl", {}, "IQ4_NL file, repacked, ggml's own kernel (the int8 VNNI GEMM off)"),
 }
-# configurations that differ in the engine's environment only (a kernel switched off, to compare in one build)
-CONFIG_ENV: dict[str, dict[str, str]] = {"q4_k-ggml": {"GGML_CPU_Q4_K_VNNI": "0"}}
+# configurations that differ in the engine's environment only (vendor/patches/0018's switch), so
+# that ggml's kernels and the int8 VNNI GEMMs are measured in one build, one run
+CONFIG_ENV: dict[str, dict[str, str]] = {"q4_k-ggml": {"GGML_CPU_VNNI_GEMM": "0"},
+                                         "q4_k-256": {"GGML_CPU_VNNI_GEMM": "256"},
+                                         "q4_0-ggml": {"GGML_CPU_VNNI_GEMM": "0"},
+                                         "iq4_nl-ggml": {"GGML_CPU_VNNI_GEMM": "0"}}
 # family: [((width, height), steps, config keys)]
 PLAN: dict[str, list[tuple[tuple[int, int], int, list[str]]]] = {
-    "z-image-turbo": [((256, 256), 1, ["q4_0", "q4_0-plain", "q4_k", "q4_k-ggml", "q4_k-plain", "iq4_nl", "f16",
-                                        "bf16", "q8_0", "q8_0-kept"]),
-                      ((512, 512), 1, ["q4_0", "q4_k", "q4_k-ggml", "f16", "bf16", "q4_k-fa"]),
+    "z-image-turbo": [((256, 256), 1, ["q4_0", "q4_0-ggml", "q4_0-plain", "q4_k", "q4_k-ggml", "q4_k-256",
+                                        "q4_k-plain", "iq4_nl", "iq4_nl-ggml", "f16", "bf16", "q8_0", "q8_0-kept"]),
+                      ((512, 512), 1, ["q4_0", "q4_0-ggml", "q4_k", "q4_k-ggml", "q4_k-256", "f16", "bf16", "q4_k-fa"]),
                       ((1024, 1024), 1, ["q4_k", "q4_k-ggml", "bf16", "q4_k-fa"])],
     "flux2-klein": [((256, 256), 1, ["q4_k", "q4_k-ggml", "q4_k-plain", "q4_0", "f16-all", "bf16", "bf16-all"]),
                     ((512, 512), 1, ["q4_k", "q4_k-ggml", "bf16"])],

@@ -127,7 +127,7 @@ def test_repacked_weights_in_the_engine(q4, family):
         assert np.array_equal(again, b.arrays[0])
 
 
-# one process per kernel choice: ggml reads GGML_CPU_Q4_K_VNNI once
+# one process per kernel choice: ggml reads GGML_CPU_VNNI_GEMM once
 _INT8_RUN = """
 import sys, numpy as np
 from sdcpp_py import Pipeline
@@ -139,27 +139,28 @@ with Pipeline(diffusion_model=dit, llm=llm, vae=vae, n_threads=2) as p:
 """
 
 
-@pytest.mark.parametrize("family", ["z-image-turbo", "flux2-klein"])
-def test_int8_q4_k_kernel_matches_ggml_kernel(model_dir, tmp_path, family):
-    """The repacked Q4_K matmul's VNNI kernel (vendor/patches/0018) against ggml's own, in the
-    engine: the text encoding (Klein's 512 tokens: two bands of rows; Z-Image's: 8-row blocks,
-    a 4-row block and a single row) agrees to rounding, the image to a few levels (tiny random
-    models amplify rounding), and its 256- and 512-bit forms give the same bits."""
+@pytest.mark.parametrize(("family", "qtype"), [("z-image-turbo", "q4_k"), ("flux2-klein", "q4_k"),
+                                               ("z-image-turbo", "q4_0"), ("flux2-klein", "iq4_nl")])
+def test_int8_kernels_match_ggml_kernels(model_dir, tmp_path, family, qtype):
+    """The repacked 4-bit matmuls' int8 VNNI GEMMs (vendor/patches/0018) against ggml's own, in
+    the engine: the text encoding (Klein's 512 tokens: two bands of rows; Z-Image's: 8-row
+    blocks, a 4-row block and a single row) agrees to rounding, the image to a few levels (tiny
+    random models amplify rounding), and the Q4_K GEMM's 256- and 512-bit forms give the same bits."""
     if "AVX512_VNNI" not in cpu_kernels().features:
-        pytest.skip("the int8 Q4_K kernel needs the AVX-512 VNNI module")
-    m = write_model_set(family, model_dir, size="tiny", seed=3, dit_type="q4_k", llm_type="q4_k")
+        pytest.skip("the int8 GEMMs need the AVX-512 VNNI module")
+    m = write_model_set(family, model_dir, size="tiny", seed=3, dit_type=qtype, llm_type=qtype)
     runs = {}
     for choice in ("0", "512", "256"):
         out = tmp_path / f"{choice}.npz"
         subprocess.run([sys.executable, "-c", _INT8_RUN, str(m.diffusion_model), str(m.llm), str(m.vae), str(out)],
-                       check=True, env={**os.environ, "GGML_CPU_Q4_K_VNNI": choice}, timeout=300)
+                       check=True, env={**os.environ, "GGML_CPU_VNNI_GEMM": choice}, timeout=300)
         runs[choice] = np.load(out)
     ggml, wide, narrow = runs["0"], runs["512"], runs["256"]
     assert int(wide["repacked"]) > 0      # the encoder's Q4_K matrices are on the repacked kernels
     for key in ("context", "image"):
         assert np.array_equal(wide[key], narrow[key]), key
     ctx, ref = wide["context"], ggml["context"]
-    assert ref.std() > 0.1 and np.abs(ctx - ref).max() < 0.02 * ref.std(), np.abs(ctx - ref).max()
+    assert ref.std() > 0.1 and np.abs(ctx - ref).max() < 0.05 * ref.std(), np.abs(ctx - ref).max()
     x, y = ggml["image"].astype(int), wide["image"].astype(int)
     assert x.std() > 1 and np.abs(x - y).mean() < 1.0 and np.abs(x - y).max() <= 4
 
