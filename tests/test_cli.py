@@ -97,6 +97,22 @@ def test_article_command_matches_sd_cli(family, tiny_sets, q4, sd_cli, tmp_path)
             assert np.array_equal(pixels(plain / output_of(cmd)), pixels(plain / "theirs.png"))
 
 
+def test_one_prompt_frees_the_encoder_once_encoded(tiny_sets, tmp_path):
+    """A run with one prompt (any number of seeds) frees the text encoder once the prompt is
+    encoded, as sd-cli does, with the same pixels; --keep-encoder keeps it."""
+    m = tiny_sets["z-image-turbo"]
+    base = ["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae), "-p", "a lighthouse",
+            "--seeds", "3,4", "-W", "64", "-H", "48", "--steps", "2", "-t", "2", "-o", "img-{seed}.png"]
+    (tmp_path / "freed").mkdir()
+    (tmp_path / "kept").mkdir()
+    freed = summary(run_cli(*base, cwd=tmp_path / "freed"))
+    kept = summary(run_cli(*base, "--keep-encoder", cwd=tmp_path / "kept"))
+    assert not freed["encoder_loaded"] and kept["encoder_loaded"]
+    assert freed["encodes"] == kept["encodes"] == 1
+    for name in ("img-3.png", "img-4.png"):
+        assert np.array_equal(pixels(tmp_path / "freed" / name), pixels(tmp_path / "kept" / name))
+
+
 def test_prompt_file_seeds_one_load_one_encoding_per_prompt(tiny_sets, pipelines, tmp_path):
     """3 prompts x 2 seeds (+ a JSON line with its own settings): one load, one encoding per
     prompt (the engine logs each text encoding), images as generate() makes them."""
@@ -109,6 +125,7 @@ def test_prompt_file_seeds_one_load_one_encoding_per_prompt(tiny_sets, pipelines
                   "-o", "img-{prompt_index}-{seed}.png", "-t", "2", "-v", cwd=tmp_path)
     s = summary(run)
     assert s["loads"] == 1 and s["encodes"] == 3 and s["prompts"] == 3
+    assert s["encoder_loaded"]       # three prompts: the encoder stays for the next one
     assert run.stderr.count("get_learned_condition completed") == 3
     assert run.stderr.count("sampling completed") == 5
     assert s["outputs"] == ["img-0-11.png", "img-0-12.png", "img-1-11.png", "img-1-12.png", "img-2-7.png"]

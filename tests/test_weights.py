@@ -134,7 +134,7 @@ from sdcpp_py import Pipeline
 dit, llm, vae, out = sys.argv[1:5]
 with Pipeline(diffusion_model=dit, llm=llm, vae=vae, n_threads=2) as p:
     c = p.encode("a lighthouse on a cliff at dusk, waves, gulls, long exposure")
-    img = p.decode(p.denoise(c, width=80, height=48, steps=2, seed=5), output_type="np")
+    img = p.decode(p.denoise(c, width=128, height=96, steps=2, seed=5), output_type="np")
     np.savez(out, context=c.context, image=img, repacked=p.weights["buffers"]["encoder"].get("CPU_REPACK", 0))
 """
 
@@ -143,8 +143,9 @@ with Pipeline(diffusion_model=dit, llm=llm, vae=vae, n_threads=2) as p:
                                                ("z-image-turbo", "q4_0"), ("flux2-klein", "iq4_nl")])
 def test_int8_kernels_match_ggml_kernels(model_dir, tmp_path, family, qtype):
     """The repacked 4-bit matmuls' int8 VNNI GEMMs (vendor/patches/0018) against ggml's own, in
-    the engine: the text encoding (Klein's 512 tokens: two bands of rows; Z-Image's: 8-row
-    blocks, a 4-row block and a single row) agrees to rounding, the image to a few levels (tiny
+    the engine: the text encoding (Klein's 512 tokens: two bands of rows; Z-Image's 20 + 1 rows
+    take ggml's Q4_K kernel, the Q4_0 GEMM: 8-row blocks, a 4-row block and a single row) agrees
+    to rounding, the image (the DiT's 48 image tokens and the text's) to a few levels (tiny
     random models amplify rounding), and the Q4_K GEMM's 256- and 512-bit forms give the same bits."""
     if "AVX512_VNNI" not in cpu_kernels().features:
         pytest.skip("the int8 GEMMs need the AVX-512 VNNI module")
@@ -163,6 +164,7 @@ def test_int8_kernels_match_ggml_kernels(model_dir, tmp_path, family, qtype):
     assert ref.std() > 0.1 and np.abs(ctx - ref).max() < 0.05 * ref.std(), np.abs(ctx - ref).max()
     x, y = ggml["image"].astype(int), wide["image"].astype(int)
     assert x.std() > 1 and np.abs(x - y).mean() < 1.0 and np.abs(x - y).max() <= 4
+    assert not np.array_equal(x, y) or not np.array_equal(ctx, ref)   # the int8 GEMMs ran
 
 
 def test_expansion_reaches_the_engine_and_survives_reload(q8):

@@ -105,8 +105,10 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model or args.diffusion_model):
         hint = f" (the image was made with {stored.models})" if stored is not None else ""
         raise CliError(f"give the model files: --diffusion-model (with --llm, --vae) or -m{hint}")
-    models = model_set("", {**model_files(args), "preset": args.preset, "settings": {
-        **context_settings(args, stored.context if stored else None), "tae_preview_only": args.taesd_preview_only}})
+    settings = {**context_settings(args, stored.context if stored else None), "tae_preview_only": args.taesd_preview_only}
+    if _encoder_done_after_first(jobs, args, settings):
+        settings["release_encoder"] = True
+    models = model_set("", {**model_files(args), "preset": args.preset, "settings": settings})
     total = sum(len(j.seeds) for j in jobs)
     names = OutputNames(args.output, total, args.output_begin_idx, args.allow_output_outside)
     summary: dict[str, Any] = {"outputs": [], "seeds": [], "prompts": len(jobs)}
@@ -165,11 +167,21 @@ def run(args: argparse.Namespace) -> int:
             upscaler.close()
         if pipe is not None:
             summary.update({"loads": pipe.load_count, "encodes": pipe.encodings.info().misses,
+                            "encoder_loaded": pipe.encoder_loaded,
                             "load_s": round(pipe.load_seconds, 3), "weights": pipe.weight_plan.to_dict()})
             pipe.close()
         summary["total_s"] = round(time.perf_counter() - start, 3)
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _encoder_done_after_first(jobs: list[Any], args: argparse.Namespace, settings: dict[str, Any]) -> bool:
+    """True when the run encodes one prompt (with one negative prompt) only: its encoding is
+    cached for every seed, so the text encoder can go once it is done (sd-cli frees each model
+    once used), unless --keep-encoder; LoRAs merged into the weights forbid releasing."""
+    if args.keep_encoder or settings.get("lora_apply_mode") == "immediately":
+        return False
+    return len({(job.prompt, job.negative_prompt) for job in jobs}) == 1
 
 
 def _control_image(image: Image.Image | None, width: int, height: int, edges: bool) -> Image.Image | None:
