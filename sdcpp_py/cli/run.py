@@ -105,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if not (args.model or args.diffusion_model):
         hint = f" (the image was made with {stored.models})" if stored is not None else ""
         raise CliError(f"give the model files: --diffusion-model (with --llm, --vae) or -m{hint}")
-    settings = {**context_settings(args, stored.context if stored else None), "tae_preview_only": args.taesd_preview_only}
+    settings = {**context_settings(args, stored.context if stored else None),
+                "tae_preview_only": args.taesd_preview_only}
     if _encoder_done_after_first(jobs, args, settings):
         settings["release_encoder"] = True
     models = model_set("", {**model_files(args), "preset": args.preset, "settings": settings})
