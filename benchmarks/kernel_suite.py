@@ -67,7 +67,8 @@ QUICK_PLAN = [((64, 64), 1, ["q4_0", "q4_0-plain", "q4_k", "bf16"])]
 PEERS = {"z-image-turbo": [(256, 256, "bfloat16"), (256, 256, "float32"), (512, 512, "bfloat16")],
          "flux2-klein": [(256, 256, "bfloat16"), (256, 256, "float32")]}
 # family: [(config, width)] profiled (square sizes); --quick profiles the first at 64x64
-PROFILES = {"z-image-turbo": [("q4_k", 256), ("bf16", 256), ("q4_k", 512)], "flux2-klein": [("q4_k", 256)]}
+PROFILES = {"z-image-turbo": [("q4_k", 256), ("q4_k-ggml", 256), ("bf16", 256), ("q4_k", 512)],
+            "flux2-klein": [("q4_k", 256), ("q4_k-ggml", 256)]}
 
 # family: configurations whose load is timed for each library (the installed one, a baseline)
 LOADS = {"z-image-turbo": ["q4_k", "q8_0", "bf16", "f16"], "flux2-klein": ["q4_k", "bf16-all", "f16-all"]}
@@ -208,7 +209,7 @@ def _profile(key: str, family: str, size: tuple[int, int], models_for: ModelsFor
     models = models_for(dit_type, "q4_k")
     spec = {"files": _files(models), "context": {"n_threads": args.threads, **context}, "prompt": PROMPT,
             "item": {"width": size[0], "height": size[1], "steps": 1, "seed": 7}}
-    res = profile_step.profile(spec, work, f"{family}-{size[0]}x{size[1]}-{key}-profile")
+    res = profile_step.profile(spec, work, f"{family}-{size[0]}x{size[1]}-{key}-profile", env=CONFIG_ENV.get(key))
     return {"key": key, "label": label, "family": family, "width": size[0], "height": size[1], **res}
 
 

@@ -27,7 +27,7 @@ from harness import emit  # noqa: E402
 
 # (category, regex on the symbol), first match wins; ggml's CPU kernels by name
 CATEGORIES: list[tuple[str, str]] = [
-    ("matmul, repacked weights (ggml_gemm/gemv_*)", r"ggml_gemm_|ggml_gemv_"),
+    ("matmul, repacked weights (ggml_gemm/gemv_*, the int8 VNNI GEMMs)", r"ggml_gemm_|ggml_gemv_|_vnni"),
     ("matmul, quantized dot products (vec_dot_q*)", r"ggml_vec_dot_(q|iq|mxfp|tq)"),
     ("matmul, F16/BF16/F32 (tinyBLAS, vec_dot_f16/bf16)", r"tinyBLAS|sgemm|ggml_vec_dot_(f16|bf16|f32)|llamafile"),
     ("matmul driver (ggml_compute_forward_mul_mat)", r"forward_mul_mat"),
@@ -70,8 +70,10 @@ def parse_report(text: str) -> list[tuple[float, str, str]]:
     return rows
 
 
-def profile(spec: dict[str, Any], work: Path, name: str, freq: int = 499) -> dict[str, Any]:
-    """Profile the denoising call of one generation; {"skipped": why} without a working perf."""
+def profile(spec: dict[str, Any], work: Path, name: str, freq: int = 499,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Profile the denoising call of one generation (``env``: added to the child's environment);
+    {"skipped": why} without a working perf."""
     perf = shutil.which("perf")
     if perf is None:
         return {"skipped": "perf not installed (Debian: linux-perf)"}
@@ -85,7 +87,7 @@ def profile(spec: dict[str, Any], work: Path, name: str, freq: int = 499) -> dic
     # -N: record does not put the (stripped) installed libraries in perf's build-id cache
     cmd = [perf, "record", "-N", "-F", str(freq), "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-o", str(data),
            "--", sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     (work / f"{name}.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
         return {"skipped": f"perf record failed ({run.returncode}): {(run.stderr or run.stdout)[-400:]}"}

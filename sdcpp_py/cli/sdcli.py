@@ -121,10 +121,6 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
                      help="auto (here: at_runtime, the base weights untouched) | at_runtime | immediately "
                           "(merged into the weights; needs --repack none)")
     ctx.add_argument("--clip-on-cpu", action="store_true", help="keep the text encoder on the CPU")
-    ctx.add_argument("--keep-encoder", action="store_true",
-                     help="keep the text encoder loaded after encoding (a run with one prompt frees it once the "
-                          "prompt is encoded, as sd-cli frees each model once used: 2.5 GB less for Qwen3-4B "
-                          "Q4_K_M while the image is denoised and decoded)")
     ctx.add_argument("--vae-on-cpu", action="store_true", help="keep the VAE on the CPU")
     ctx.add_argument("--fa", action="store_true", help="use flash attention")
     ctx.add_argument("--diffusion-fa", action="store_true", help="flash attention in the diffusion model only")
@@ -214,6 +210,10 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     ours.add_argument("--seeds", help="comma-separated seeds: every prompt with each (1,2,3)")
     ours.add_argument("--seed-range", help="seeds A to B inclusive (A:B)")
     ours.add_argument("--from-png", type=Path, help="regenerate an image from its metadata (flags override)")
+    ours.add_argument("--keep-encoder", action="store_true",
+                      help="keep the text encoder loaded after encoding (a run with one prompt frees it once the "
+                           "prompt is encoded, as sd-cli frees each model once used: ~2.5 GB less for Qwen3-4B "
+                           "Q4_K_M while the image is denoised and decoded)")
     ours.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
