@@ -154,7 +154,8 @@ def test_int8_kernels_match_ggml_kernels(model_dir, tmp_path, family, qtype):
     for choice in ("0", "512", "256"):
         out = tmp_path / f"{choice}.npz"
         subprocess.run([sys.executable, "-c", _INT8_RUN, str(m.diffusion_model), str(m.llm), str(m.vae), str(out)],
-                       check=True, env={**os.environ, "GGML_CPU_VNNI_GEMM": choice}, timeout=300)
+                       check=True, env={**os.environ, "GGML_CPU_VNNI_GEMM": choice}, timeout=300,
+                       cwd=tmp_path)   # not the checkout: its sdcpp_py has no library when the wheel is tested
         runs[choice] = np.load(out)
     ggml, wide, narrow = runs["0"], runs["512"], runs["256"]
     assert int(wide["repacked"]) > 0      # the encoder's Q4_K matrices are on the repacked kernels
