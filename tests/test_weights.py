@@ -133,7 +133,8 @@ import sys, numpy as np
 from sdcpp_py import Pipeline
 dit, llm, vae, out = sys.argv[1:5]
 with Pipeline(diffusion_model=dit, llm=llm, vae=vae, n_threads=2) as p:
-    c = p.encode("a lighthouse on a cliff at dusk, waves, gulls, long exposure")
+    c = p.encode("a lighthouse on a cliff at dusk, waves, gulls, long exposure, wet rocks, a red boat, "
+                 "fog over the sea")
     img = p.decode(p.denoise(c, width=128, height=96, steps=2, seed=5), output_type="np")
     np.savez(out, context=c.context, image=img, repacked=p.weights["buffers"]["encoder"].get("CPU_REPACK", 0))
 """
@@ -143,10 +144,10 @@ with Pipeline(diffusion_model=dit, llm=llm, vae=vae, n_threads=2) as p:
                                                ("z-image-turbo", "q4_0"), ("flux2-klein", "iq4_nl")])
 def test_int8_kernels_match_ggml_kernels(model_dir, tmp_path, family, qtype):
     """The repacked 4-bit matmuls' int8 VNNI GEMMs (vendor/patches/0018) against ggml's own, in
-    the engine: the text encoding (Klein's 512 tokens: two bands of rows; Z-Image's 20 + 1 rows
-    take ggml's Q4_K kernel, the Q4_0 GEMM: 8-row blocks, a 4-row block and a single row) agrees
-    to rounding, the image (the DiT's 48 image tokens and the text's) to a few levels (tiny
-    random models amplify rounding), and the Q4_K GEMM's 256- and 512-bit forms give the same bits."""
+    the engine: the text encoding (Z-Image's 36 tokens: four 8-row blocks and a 4-row one;
+    Klein's 512: two bands of rows) agrees to rounding, the image (Z-Image's DiT: image and text
+    tokens padded to 32s) to a few levels (tiny random models amplify rounding), and the Q4_K
+    GEMM's 256- and 512-bit forms give the same bits."""
     if "AVX512_VNNI" not in cpu_kernels().features:
         pytest.skip("the int8 GEMMs need the AVX-512 VNNI module")
     m = write_model_set(family, model_dir, size="tiny", seed=3, dit_type=qtype, llm_type=qtype)
