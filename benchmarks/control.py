@@ -39,14 +39,16 @@ def _cancel_at(pipe, call, offset_s: float, start_event=None) -> dict[str, Any]:
 
     aborted = lib.sdcpp_aborted_computes()
     marks: dict[str, float] = {}
+    done = threading.Event()
 
     def canceller() -> None:
         if start_event is not None:
             start_event.wait()
-        time.sleep(offset_s)
-        marks["cancel"] = time.perf_counter()
-        pipe.cancel()
-    threading.Thread(target=canceller, daemon=True).start()
+        if not done.wait(offset_s):      # a call that ended first is not cancelled (nor the next one)
+            marks["cancel"] = time.perf_counter()
+            pipe.cancel()
+    thread = threading.Thread(target=canceller, daemon=True)
+    thread.start()
     start = time.perf_counter()
     try:
         call()
@@ -54,6 +56,10 @@ def _cancel_at(pipe, call, offset_s: float, start_event=None) -> dict[str, Any]:
     except Cancelled:
         outcome = "cancelled"
     end = time.perf_counter()
+    done.set()
+    if start_event is not None:
+        start_event.set()
+    thread.join()
     return {"offset_s": offset_s, "outcome": outcome, "call_s": round(end - start, 3),
             "latency_s": round(end - marks.get("cancel", end), 4),
             "stopped_midway": lib.sdcpp_aborted_computes() > aborted}
@@ -71,9 +77,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     out["rss_loaded_mb"] = round(_rss_mb(), 1)
     cond = pipe.encode(PROMPT)
 
-    # cancel during a DiT step: the offset counts from the start of the first step
+    # cancel during a DiT step: the offset counts from the start of the first step; quick mode:
+    # offsets as fractions of this machine's step (fixed ones landed after a fast CPU's 2 steps)
+    offsets = spec.get("step_offsets")
+    if not offsets:
+        t = time.perf_counter()
+        pipe.denoise(cond, width=w, height=h, steps=1, seed=1)
+        offsets = [round(f * (time.perf_counter() - t), 3) for f in spec["step_fractions"]]
     rows = []
-    for offset in spec["step_offsets"]:
+    for offset in offsets:
         started = threading.Event()
 
         def denoise(started: threading.Event = started) -> None:
@@ -133,7 +145,7 @@ def run(family: str, models, args, work: Path) -> dict[str, Any]:
             # tiny models: a 1024x1024 step takes ~0.7 s, a 512x512 decode ~5 s (2 cores)
             "width": 1024 if quick else 512, "height": 1024 if quick else 512,
             "decode_width": 512, "decode_height": 512,
-            "step_offsets": [0.2, 0.4] if quick else [2.0, 10.0, 30.0],
+            "step_offsets": None if quick else [2.0, 10.0, 30.0], "step_fractions": [0.2, 0.6],
             "decode_offsets": None if quick else [2.0, 10.0], "decode_fractions": [0.3],
             "iso_width": args.width, "iso_height": args.height, "iso_steps": args.steps,
             "iso_images": 2 if quick else 4}

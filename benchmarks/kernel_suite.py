@@ -46,21 +46,26 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], str]] = {
     "q4_k-256": ("q4_k", {}, "Q4_K file, repacked, the int8 VNNI GEMM's 256-bit form"),
     "q4_0-ggml": ("q4_0", {}, "Q4_0 file, repacked, ggml's own kernel (the int8 VNNI GEMM off)"),
     "iq4_nl-ggml": ("iq4_nl", {}, "IQ4_NL file, repacked, ggml's own kernel (the int8 VNNI GEMM off)"),
+    "q4_k-f32attn": ("q4_k", {}, "Q4_K file, defaults, attention on the F32 path (the BF16 flash tiles off)"),
 }
-# configurations that differ in the engine's environment only (vendor/patches/0018's switch), so
-# that ggml's kernels and the int8 VNNI GEMMs are measured in one build, one run
+# configurations that differ in the engine's environment only (the switches of vendor/patches/0018
+# and 0020), so that ggml's kernels and ours are measured in one build, one run
 CONFIG_ENV: dict[str, dict[str, str]] = {"q4_k-ggml": {"GGML_CPU_VNNI_GEMM": "0"},
                                          "q4_k-256": {"GGML_CPU_VNNI_GEMM": "256"},
                                          "q4_0-ggml": {"GGML_CPU_VNNI_GEMM": "0"},
-                                         "iq4_nl-ggml": {"GGML_CPU_VNNI_GEMM": "0"}}
+                                         "iq4_nl-ggml": {"GGML_CPU_VNNI_GEMM": "0"},
+                                         "q4_k-f32attn": {"GGML_CPU_FA_BF16": "0"}}
 # family: [((width, height), steps, config keys)]
 PLAN: dict[str, list[tuple[tuple[int, int], int, list[str]]]] = {
     "z-image-turbo": [((256, 256), 1, ["q4_0", "q4_0-ggml", "q4_0-plain", "q4_k", "q4_k-ggml", "q4_k-256",
-                                        "q4_k-plain", "iq4_nl", "iq4_nl-ggml", "f16", "bf16", "q8_0", "q8_0-kept"]),
-                      ((512, 512), 1, ["q4_0", "q4_0-ggml", "q4_k", "q4_k-ggml", "q4_k-256", "f16", "bf16", "q4_k-fa"]),
-                      ((1024, 1024), 1, ["q4_k", "q4_k-ggml", "bf16", "q4_k-fa"])],
-    "flux2-klein": [((256, 256), 1, ["q4_k", "q4_k-ggml", "q4_k-plain", "q4_0", "f16-all", "bf16", "bf16-all"]),
-                    ((512, 512), 1, ["q4_k", "q4_k-ggml", "bf16"])],
+                                        "q4_k-plain", "q4_k-f32attn", "iq4_nl", "iq4_nl-ggml", "f16", "bf16", "q8_0",
+                                        "q8_0-kept"]),
+                      ((512, 512), 1, ["q4_0", "q4_0-ggml", "q4_k", "q4_k-ggml", "q4_k-256", "q4_k-f32attn", "f16",
+                                        "bf16", "q4_k-fa"]),
+                      ((1024, 1024), 1, ["q4_k", "q4_k-ggml", "q4_k-f32attn", "bf16", "q4_k-fa"])],
+    "flux2-klein": [((256, 256), 1, ["q4_k", "q4_k-ggml", "q4_k-f32attn", "q4_k-plain", "q4_0", "f16-all", "bf16",
+                                     "bf16-all"]),
+                    ((512, 512), 1, ["q4_k", "q4_k-ggml", "q4_k-f32attn", "bf16"])],
 }
 QUICK_PLAN = [((64, 64), 1, ["q4_0", "q4_0-plain", "q4_k", "bf16"])]
 # diffusers peers: family -> [(width, height, dtype)]

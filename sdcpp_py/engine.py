@@ -120,12 +120,14 @@ class Engine(Owner):
             start = time.perf_counter()
             params, keep = context_params(self.paths, settings, rules=rules, vae_decode_only=vae_decode_only)
             lib.sdcpp_bf16_convolutions(settings.vae_weights == "bf16")
+            lib.sdcpp_bf16_attention(settings.bf16_attention)
             try:
                 with capture() as log, progress_scope(None):
                     ctx = lib.sdcpp_new_ctx(params, sum(1 << c for c in defer), device.encode(),
                                             weight_buffers.encode())
             finally:
                 lib.sdcpp_bf16_convolutions(False)
+                lib.sdcpp_bf16_attention(True)
             if ctx == ffi.NULL:
                 message = log.errors() or string(lib.sdcpp_last_error())
                 raise ModelLoadError("stable-diffusion.cpp could not create a context"

@@ -30,8 +30,8 @@ SCHEMA = "sdcpp.image.params/v1"
 KEY = "parameters"
 # Context settings that change pixels (a rerun must use the same ones).
 PIXEL_CONTEXT = ("rng", "sampler_rng", "wtype", "upcast", "upcast_type", "repack", "tensor_type_rules", "vae_weights",
-                 "flash_attn", "diffusion_flash_attn", "vae_conv_direct", "diffusion_conv_direct", "circular_x",
-                 "circular_y")
+                 "flash_attn", "diffusion_flash_attn", "bf16_attention", "vae_conv_direct", "diffusion_conv_direct",
+                 "circular_x", "circular_y")
 _PLAN_KEYS = ("components", "target", "reason", "per_component", "cpu_variant")
 
 

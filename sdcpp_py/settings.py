@@ -99,6 +99,8 @@ class ContextSettings:
     vae_weights: str = "f16"             # the VAE's convolution weights: f16 (as sd-cli) | bf16 (CPU: BF16 matmuls)
     flash_attn: bool = False             # in every model (0.88x at 512x512 on SPR, 1.1x at 1 MP on Zen 4)
     diffusion_flash_attn: bool = False   # flash attention in the diffusion model only
+    bf16_attention: bool = True          # CPU modules with AVX512_BF16: unmasked attention on BF16 flash
+    #                                      tiles (2.4-4.3x, no L x L matrix); False: the F32 K.Q path
     enable_mmap: bool = False
     offload_params_to_cpu: bool = False
     keep_clip_on_cpu: bool = False
@@ -138,7 +140,7 @@ class ContextSettings:
             raise InvalidArgumentError("lora_apply_mode='immediately' merges LoRAs into the weights, which repacked "
                                        "weights cannot take: use it with repack='none' (or 'at_runtime')")
         object.__setattr__(self, "long_prompts", _choice("long_prompts", self.long_prompts, ("truncate", "refuse")))
-        for name in ENGINE_FLAGS + ("release_encoder", "release_diffusion"):
+        for name in ENGINE_FLAGS + ("bf16_attention", "release_encoder", "release_diffusion"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool")
         object.__setattr__(self, "vae_weights", _choice("vae_weights", self.vae_weights or "f16", ("f16", "bf16")))

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from sdcpp_py import Pipeline
+from sdcpp_py.backends import cpu_kernels
 from sdcpp_py.staged import Latent
 from sdcpp_py.synthetic import control_channels, control_places, write_controlnet, write_model_set
 from sdcpp_py.synthetic.layouts import ZImageDiTConfig, family_config, z_image_dit
@@ -45,6 +46,9 @@ SIZE = 64            # pixels: an 8x8 latent, 16 image tokens (padded to 32)
 # is 10x that, while a wrong hint (layer, strength, order, the refiner hints left out) moves the
 # step by more than 0.1 of its scale.
 BOUND = 2e-5
+# BF16 attention operands (8-bit mantissas): measured 2.5e-3 of the scale; the probability pairs'
+# halves swapped against the values' moved it by 0.29
+BF16_BOUND = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +134,7 @@ def test_controlnet_steps_equal_the_reference(parity_files, variant):
     noise = rng.standard_normal((1, 16, SIZE // 8, SIZE // 8)).astype(np.float32)
     control = rng.standard_normal((1, control_channels(variant), SIZE // 8, SIZE // 8)).astype(np.float32)
     with Pipeline(diffusion_model=dit, llm=tiny.llm, vae=tiny.vae, controlnet=nets[variant], n_threads=2,
-                  upcast="none", repack="none") as p:
+                  upcast="none", repack="none", bf16_attention=False) as p:   # F32 attention: BOUND is F32's
         cond = p.encode("a red cube on a table")
         assert p.controlnet_loaded == {}                                # loaded on first use
         ctrl = Latent(control, p.family, 8, 0, {"control": True})
@@ -155,3 +159,28 @@ def test_controlnet_steps_equal_the_reference(parity_files, variant):
                 theirs = _reference_step(transformer, controlnet, variant, noise, cond.context, control, strength,
                                          authors=False)
                 assert np.abs(got - theirs).max() > 100 * BOUND * scale
+
+
+def test_bf16_attention_step_is_near_the_reference(parity_files):
+    """The DiT's attention on the BF16 flash tiles (vendor/patches/0020, the default where the CPU
+    module has AVX512-BF16) against diffusers' F32 step: off by BF16 rounding of Q, K, V and the
+    probabilities (F32 sums), far inside what a wrong tile (a key pair swapped, a stale maximum)
+    would move it. Without AVX512-BF16 the setting changes nothing."""
+    tiny, cfg, dit, nets = parity_files
+    transformer, controlnet = _reference(cfg, dit, nets["1.0"], "1.0")
+    noise = np.random.default_rng(12).standard_normal((1, 16, SIZE // 8, SIZE // 8)).astype(np.float32)
+    steps = {}
+    for bf16 in (False, True):
+        with Pipeline(diffusion_model=dit, llm=tiny.llm, vae=tiny.vae, n_threads=2, upcast="none", repack="none",
+                      bf16_attention=bf16) as p:
+            cond = p.encode("a red cube on a table")
+            steps[bf16] = p.denoise(cond, noise=noise, width=SIZE, height=SIZE, sigmas=(SIGMA, 0.0),
+                                    sampler="euler").data
+    ref = _reference_step(transformer, controlnet, "1.0", noise, cond.context, None, 0.0)
+    scale = float(np.abs(ref).max())
+    assert np.abs(steps[False] - ref).max() <= BOUND * scale
+    err = float(np.abs(steps[True] - ref).max())
+    if "AVX512_BF16" in cpu_kernels().features:
+        assert BOUND * scale < err <= BF16_BOUND * scale, (err, scale)
+    else:
+        assert np.array_equal(steps[True], steps[False])

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sdcpp_py import InvalidArgumentError, Pipeline, read_parameters
+from sdcpp_py.backends import cpu_kernels
 from sdcpp_py.cli import main
 
 KW = dict(width=64, height=64, steps=3, seed=5)
@@ -108,3 +109,32 @@ def test_bf16_vae_weights(tiny_sets, pipelines, tmp_path, fam):
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), bf16)
     with pytest.raises(InvalidArgumentError, match="vae_weights"):
         Pipeline(**_files(m), vae_weights="fp8")
+
+
+@pytest.mark.parametrize("fam", ["z-image-turbo", "flux2-klein"])
+def test_bf16_attention(tiny_sets, pipelines, tmp_path, fam):
+    """bf16_attention (default on): where the CPU module has AVX512-BF16, the DiT's and the VAE's
+    attention run on BF16 flash tiles (vendor/patches/0020) and the image moves by rounding only;
+    elsewhere the setting changes nothing. ``bf16_attention=False``, ``--f32-attention`` and the
+    PNG's parameters give the F32 path's image bit for bit."""
+    m = tiny_sets[fam]
+    default = pipelines[fam].generate("a lighthouse", **KW).arrays[0].astype(int)
+    with Pipeline(**_files(m), n_threads=2, bf16_attention=False) as pipe:
+        f32 = pipe.generate("a lighthouse", **KW).arrays[0].astype(int)
+    if "AVX512_BF16" in cpu_kernels().features:
+        assert not np.array_equal(default, f32)               # the BF16 tiles ran
+        assert np.abs(default - f32).mean() < 0.5 and np.abs(default - f32).max() <= 2 and f32.std() > 5.0
+    else:
+        assert np.array_equal(default, f32)
+    out = tmp_path / "cli.png"
+    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
+                 "-p", "a lighthouse", "-W", "64", "-H", "64", "--steps", "3", "-s", "5", "-t", "2",
+                 "--f32-attention", "-o", str(out), "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), f32)
+    assert read_parameters(out).context.get("bf16_attention") is False
+    again = tmp_path / "again.png"
+    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
+                 "--from-png", str(out), "-o", str(again), "-t", "2", "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), f32)
+    with pytest.raises(TypeError, match="bf16_attention"):
+        Pipeline(**_files(m), bf16_attention="no")

@@ -754,6 +754,10 @@ SHIM_API void sdcpp_bf16_convolutions(bool on) {
     sd_bf16_conv_weights = on;
 }
 
+SHIM_API void sdcpp_bf16_attention(bool on) {
+    sd_attention_bf16_default = on;
+}
+
 SHIM_API int sdcpp_forget_loras(sd_ctx_t* ctx) {
     return guarded("forget_loras", [&]() -> int {
         if (ctx == nullptr || ctx->sd == nullptr) {

@@ -96,6 +96,10 @@ int sdcpp_component_reload(sd_ctx_t* ctx, int component, const char* path);
  * while this is on (vendor/patches/0014; CPU contexts only). */
 void sdcpp_bf16_convolutions(bool on);
 
+/* Attention on the CPU's BF16 flash tiles where the module has AVX512_BF16 (vendor/patches/0020),
+ * for the contexts created while this is on (the default); off: the engine's F32 and F16 paths. */
+void sdcpp_bf16_attention(bool on);
+
 /* Forget the LoRAs of earlier calls. Merged into the weights (lora_apply_mode immediately):
  * the engine undoes a merged LoRA by subtracting it again, which leaves the rounding of
  * quantized and 16-bit weights behind; the binding reloads the weights from their files

@@ -200,6 +200,9 @@ def build_parser(prog: str = "sdcpp-py") -> argparse.ArgumentParser:
     ours.add_argument("--vae-weights", choices=("f16", "bf16"),
                       help="the VAE's convolution weights: f16 (default, as sd-cli) or bf16 (CPU: BF16 matmuls, "
                            "faster where the CPU has AVX512-BF16)")
+    ours.add_argument("--f32-attention", action="store_true",
+                      help="attention in F32 (K.Q matrix) or F16 flash attention, as upstream, where the CPU "
+                           "module has AVX512-BF16 (default there: BF16 flash tiles, 2.4-4.3x faster)")
     ours.add_argument("--backend", default="auto", choices=("auto", "cpu", "vulkan"), help="compute backend")
     ours.add_argument("--device", help="Vulkan device index or name")
     ours.add_argument("--prompt-file", type=Path,
@@ -268,6 +271,7 @@ def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
     flags = {"flash_attn": args.fa, "diffusion_flash_attn": args.diffusion_fa, "vae_conv_direct": args.vae_conv_direct,
              "diffusion_conv_direct": args.diffusion_conv_direct}
     out.update({k: bool(v or stored.get(k)) for k, v in flags.items()})
+    out["bf16_attention"] = not args.f32_attention and stored.get("bf16_attention", True) is not False
     out.update({"circular_x": bool(args.circular or args.circularx or stored.get("circular_x")),
                 "circular_y": bool(args.circular or args.circulary or stored.get("circular_y"))})
     out.update({"enable_mmap": args.mmap, "offload_params_to_cpu": args.offload_to_cpu,
