@@ -72,7 +72,7 @@ QUICK_PLAN = [((64, 64), 1, ["q4_0", "q4_0-plain", "q4_k", "bf16"])]
 PEERS = {"z-image-turbo": [(256, 256, "bfloat16"), (256, 256, "float32"), (512, 512, "bfloat16")],
          "flux2-klein": [(256, 256, "bfloat16"), (256, 256, "float32")]}
 # family: [(config, width)] profiled (square sizes); --quick profiles the first at 64x64
-PROFILES = {"z-image-turbo": [("q4_k", 256), ("q4_k-ggml", 256), ("bf16", 256), ("q4_k", 512)],
+PROFILES = {"z-image-turbo": [("q4_k", 256), ("q4_k-ggml", 256), ("bf16", 256), ("q4_k", 512), ("q4_k-f32attn", 512)],
             "flux2-klein": [("q4_k", 256), ("q4_k-ggml", 256)]}
 
 # family: configurations whose load is timed for each library (the installed one, a baseline)
