@@ -13,6 +13,7 @@ from PIL import Image
 from sdcpp_py import InvalidArgumentError, Pipeline, read_parameters
 from sdcpp_py.backends import cpu_kernels
 from sdcpp_py.cli import main
+from sdcpp_py.cli.sdcli import build_parser, context_settings
 
 KW = dict(width=64, height=64, steps=3, seed=5)
 
@@ -138,3 +139,8 @@ def test_bf16_attention(tiny_sets, pipelines, tmp_path, fam):
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), f32)
     with pytest.raises(TypeError, match="bf16_attention"):
         Pipeline(**_files(m), bf16_attention="no")
+    # parameters stored before the setting existed: the F32 path they were made on
+    args = build_parser().parse_args(["--diffusion-model", "x", "-p", "y"])
+    assert context_settings(args, {"rng": "cuda"})["bf16_attention"] is False
+    assert context_settings(args, {})["bf16_attention"] is True
+    assert context_settings(args, {"bf16_attention": True})["bf16_attention"] is True
