@@ -139,8 +139,9 @@ def test_bf16_attention(tiny_sets, pipelines, tmp_path, fam):
     assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), f32)
     with pytest.raises(TypeError, match="bf16_attention"):
         Pipeline(**_files(m), bf16_attention="no")
-    # parameters stored before the setting existed: the F32 path they were made on
+    # parameters without the setting (sd-cli's images) take the engine's default, as sd-cli runs it
     args = build_parser().parse_args(["--diffusion-model", "x", "-p", "y"])
-    assert context_settings(args, {"rng": "cuda"})["bf16_attention"] is False
-    assert context_settings(args, {})["bf16_attention"] is True
-    assert context_settings(args, {"bf16_attention": True})["bf16_attention"] is True
+    assert context_settings(args, {"rng": "cuda"})["bf16_attention"] is True
+    assert context_settings(args, {"bf16_attention": False})["bf16_attention"] is False
+    f32 = build_parser().parse_args(["--diffusion-model", "x", "-p", "y", "--f32-attention"])
+    assert context_settings(f32, {"bf16_attention": True})["bf16_attention"] is False

@@ -271,8 +271,8 @@ def context_settings(args: argparse.Namespace, stored: dict[str, Any] | None = N
     flags = {"flash_attn": args.fa, "diffusion_flash_attn": args.diffusion_fa, "vae_conv_direct": args.vae_conv_direct,
              "diffusion_conv_direct": args.diffusion_conv_direct}
     out.update({k: bool(v or stored.get(k)) for k, v in flags.items()})
-    # an image's parameters from before the setting existed were made on the F32 path
-    out["bf16_attention"] = not args.f32_attention and stored.get("bf16_attention", not stored) is not False
+    # parameters without the setting (sd-cli's images) take the engine's default, as sd-cli does
+    out["bf16_attention"] = not args.f32_attention and stored.get("bf16_attention", True) is not False
     out.update({"circular_x": bool(args.circular or args.circularx or stored.get("circular_x")),
                 "circular_y": bool(args.circular or args.circulary or stored.get("circular_y"))})
     out.update({"enable_mmap": args.mmap, "offload_params_to_cpu": args.offload_to_cpu,
