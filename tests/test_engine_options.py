@@ -22,6 +22,20 @@ def _files(m):
     return {"diffusion_model": m.diffusion_model, "llm": m.llm, "vae": m.vae}
 
 
+def _cli_round_trip(m, tmp_path, flags: list[str], expected: np.ndarray) -> dict:
+    """The command line with ``flags`` (KW's generation) makes ``expected``, and ``--from-png`` of
+    its PNG makes it again; returns the PNG's stored context settings."""
+    files = ["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae), "-t", "2",
+             "--no-progress"]
+    out, again = tmp_path / "cli.png", tmp_path / "again.png"
+    assert main([*files, "-p", "a lighthouse", "-W", "64", "-H", "64", "--steps", "3", "-s", "5", *flags,
+                 "-o", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), expected)
+    assert main([*files, "--from-png", str(out), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), expected)
+    return read_parameters(out).context
+
+
 @pytest.mark.parametrize("fam, flags, settings, context", [
     ("z-image-turbo", ["--sampling-method", "euler_a", "--eta", "0.3"], {"sampler": "euler_a", "eta": 0.3}, {}),
     ("z-image-turbo", ["--vae-tiling", "--vae-tile-size", "4x4", "--vae-tile-overlap", "0.25"],
@@ -98,16 +112,8 @@ def test_bf16_vae_weights(tiny_sets, pipelines, tmp_path, fam):
     # a later context without the setting is F16 again (the engine's switch is per creation)
     with Pipeline(**_files(m), n_threads=2) as plain:
         assert np.array_equal(plain.generate("a lighthouse", **KW).arrays[0], f16)
-    out = tmp_path / "cli.png"
-    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
-                 "-p", "a lighthouse", "-W", "64", "-H", "64", "--steps", "3", "-s", "5", "-t", "2",
-                 "--vae-weights", "bf16", "-o", str(out), "--no-progress"]) == 0
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), bf16)
-    assert read_parameters(out).context.get("vae_weights") == "bf16"          # --from-png makes it again
-    again = tmp_path / "again.png"
-    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
-                 "--from-png", str(out), "-o", str(again), "-t", "2", "--no-progress"]) == 0
-    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), bf16)
+    context = _cli_round_trip(m, tmp_path, ["--vae-weights", "bf16"], bf16)
+    assert context.get("vae_weights") == "bf16"
     with pytest.raises(InvalidArgumentError, match="vae_weights"):
         Pipeline(**_files(m), vae_weights="fp8")
 
@@ -127,16 +133,7 @@ def test_bf16_attention(tiny_sets, pipelines, tmp_path, fam):
         assert np.abs(default - f32).mean() < 0.5 and np.abs(default - f32).max() <= 2 and f32.std() > 5.0
     else:
         assert np.array_equal(default, f32)
-    out = tmp_path / "cli.png"
-    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
-                 "-p", "a lighthouse", "-W", "64", "-H", "64", "--steps", "3", "-s", "5", "-t", "2",
-                 "--f32-attention", "-o", str(out), "--no-progress"]) == 0
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), f32)
-    assert read_parameters(out).context.get("bf16_attention") is False
-    again = tmp_path / "again.png"
-    assert main(["--diffusion-model", str(m.diffusion_model), "--llm", str(m.llm), "--vae", str(m.vae),
-                 "--from-png", str(out), "-o", str(again), "-t", "2", "--no-progress"]) == 0
-    assert np.array_equal(np.asarray(Image.open(again).convert("RGB")), f32)
+    assert _cli_round_trip(m, tmp_path, ["--f32-attention"], f32).get("bf16_attention") is False
     with pytest.raises(TypeError, match="bf16_attention"):
         Pipeline(**_files(m), bf16_attention="no")
     # parameters without the setting (sd-cli's images) take the engine's default, as sd-cli runs it
